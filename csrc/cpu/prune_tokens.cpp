@@ -1,0 +1,217 @@
+// CPU kernels: significance, selection and gather, one image per task of at::parallel_for.
+// Bitwise equal to fopru_kernels/reference.py: the sums are int64 fixed-point, so the loop order
+// here (rows of the map streamed once, column sums in an L1-resident buffer) changes nothing.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+
+namespace fopru {
+namespace {
+
+// One query row of the map: col[j] += fx(r[j]), returns the row's own sum. The hot loop of
+// received/focal; multiversioned so AVX-512DQ machines convert float -> int64 eight lanes at a time
+// (x86-64-v3 has no packed float->int64 conversion), while the default build still runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FOPRU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define FOPRU_CLONES
+#endif
+
+FOPRU_CLONES int64_t fx_row_f32(const float* __restrict r, int64_t n, int64_t* __restrict col) {
+  int64_t total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t v = fx(r[j]);
+    col[j] += v;
+    total += v;
+  }
+  return total;
+}
+
+FOPRU_CLONES int64_t fx_row_f64(const double* __restrict r, int64_t n, int64_t* __restrict col) {
+  int64_t total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t v = fx(r[j]);
+    col[j] += v;
+    total += v;
+  }
+  return total;
+}
+
+// Strided or 16-bit rows are first widened into a contiguous buffer (exact: fp16/bf16 -> fp32).
+template <typename T>
+int64_t fx_row(const T* r, int64_t stride, int64_t n, int64_t* col, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, double>) {
+    if (stride == 1) return fx_row_f64(r, n, col);
+    int64_t total = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t v = fx(r[j * stride]);
+      col[j] += v;
+      total += v;
+    }
+    return total;
+  } else {
+    if constexpr (std::is_same_v<T, float>) {
+      if (stride == 1) return fx_row_f32(r, n, col);
+    }
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(r[j * stride]);
+    return fx_row_f32(buf.data(), n, col);
+  }
+}
+
+// sig[0..N) of image b. `col` and `row` are scratch of N int64 each.
+template <typename T>
+void significance_image(const at::Tensor& attn, const SigArgs& a, int64_t b, int64_t* sig,
+                        std::vector<int64_t>& row) {
+  const T* base = attn.const_data_ptr<T>() + b * attn.stride(0);
+  const int64_t sh = attn.stride(1), sq = attn.stride(2), ss = attn.stride(3);
+  const T* patch = base + a.P * ss;
+  std::vector<float> buf(a.N);
+  std::fill(sig, sig + a.N, 0);
+  if (a.score == Score::kCls) {
+    for (int64_t h = 0; h < a.H; ++h) fx_row(patch + h * sh, ss, a.N, sig, buf);
+    return;
+  }
+  // col sums accumulate straight into sig; row sums go to `row`.
+  row.assign(a.N, 0);
+  for (int64_t h = 0; h < a.H; ++h) {
+    for (int64_t i = 0; i < a.N; ++i) {
+      row[i] += fx_row(patch + h * sh + (a.P + i) * sq, ss, a.N, sig, buf);
+    }
+  }
+  if (a.score == Score::kReceived) return;
+  double total = 0;
+  for (int64_t j = 0; j < a.N; ++j) total += static_cast<double>(sig[j]);
+  const double m = total / static_cast<double>(a.N);
+  double vc = 0, vr = 0;
+  for (int64_t j = 0; j < a.N; ++j) {
+    const double dc = static_cast<double>(sig[j]) - m, dr = static_cast<double>(row[j]) - m;
+    vc += dc * dc;
+    vr += dr * dr;
+  }
+  if (!focal_use_col(vc, vr)) std::copy(row.begin(), row.end(), sig);
+}
+
+// The `count` largest of score[0..n) (ties to the lower index), written to out in index order.
+// nth_element finds the count-th (score, index) pair; everything ranking before it is kept.
+void top_in_order(const int64_t* score, int64_t n, int64_t count, int64_t* out,
+                  std::vector<int64_t>& order) {
+  if (count == 0) return;
+  order.resize(n);
+  for (int64_t j = 0; j < n; ++j) order[j] = j;
+  auto before = [score](int64_t x, int64_t y) {
+    return score[x] > score[y] || (score[x] == score[y] && x < y);
+  };
+  std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), before);
+  const int64_t last = order[count - 1];
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == last || before(j, last)) out[k++] = j;
+  }
+}
+
+void select_image(const int64_t* sig, const SelectArgs& s, int64_t* idx, std::vector<int64_t>& scratch,
+                  std::vector<int64_t>& order) {
+  if (s.strategy == Strategy::kRank) {
+    top_in_order(sig, s.N, s.keep, idx, order);
+    return;
+  }
+  scratch.assign(s.rows, 0);
+  for (int64_t y = 0; y < s.rows; ++y) {
+    int64_t acc = 0;
+    for (int64_t x = 0; x < s.cols; ++x) acc += sig[y * s.cols + x];
+    scratch[y] = acc;
+  }
+  const int64_t r = s.keep / s.cols;
+  std::vector<int64_t> kept(r);
+  top_in_order(scratch.data(), s.rows, r, kept.data(), order);
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t x = 0; x < s.cols; ++x) idx[i * s.cols + x] = kept[i] * s.cols + x;
+  }
+}
+
+// pruned[b, k, :] = tokens[b, idx[k], :] as raw bytes: bit-exact for every dtype.
+void gather_image(const at::Tensor& tokens, int64_t b, const int64_t* idx, int64_t keep,
+                  char* out) {
+  const int64_t es = tokens.element_size(), d = tokens.size(2);
+  const char* base = static_cast<const char*>(tokens.const_data_ptr()) + b * tokens.stride(0) * es;
+  const int64_t sn = tokens.stride(1) * es, sd = tokens.stride(2) * es;
+  for (int64_t k = 0; k < keep; ++k) {
+    const char* src = base + idx[k] * sn;
+    char* dst = out + k * d * es;
+    if (sd == es) {
+      std::memcpy(dst, src, d * es);
+    } else {
+      for (int64_t x = 0; x < d; ++x) std::memcpy(dst + x * es, src + x * sd, es);
+    }
+  }
+}
+
+template <typename F>
+void for_each_image(int64_t batch, const F& f) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) f(b);
+  });
+}
+
+void significance_into(const at::Tensor& attn, const SigArgs& a, at::Tensor& sig) {
+  int64_t* out = sig.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "fopru_significance", [&] {
+    for_each_image(a.B, [&](int64_t b) {
+      std::vector<int64_t> row;
+      significance_image<scalar_t>(attn, a, b, out + b * a.N, row);
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor significance_cpu(const at::Tensor& attn, c10::string_view score, int64_t num_prefix) {
+  const SigArgs a = check_significance(attn, score, num_prefix);
+  at::Tensor sig = at::empty({a.B, a.N}, attn.options().dtype(at::kLong));
+  significance_into(attn, a, sig);
+  return sig;
+}
+
+at::Tensor select_cpu(const at::Tensor& sig, int64_t keep, c10::string_view strategy,
+                      at::OptionalIntArrayRef grid) {
+  const SelectArgs s = check_select(sig, keep, strategy, grid);
+  at::Tensor idx = at::empty({s.B, s.keep}, sig.options());
+  const at::Tensor sc = sig.contiguous();  // (B, N) int64: tiny next to the map
+  const int64_t* in = sc.const_data_ptr<int64_t>();
+  int64_t* out = idx.data_ptr<int64_t>();
+  for_each_image(s.B, [&](int64_t b) {
+    std::vector<int64_t> scratch, order;
+    select_image(in + b * s.N, s, out + b * s.keep, scratch, order);
+  });
+  return idx;
+}
+
+std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& tokens, const at::Tensor& attn,
+                                                    int64_t keep, c10::string_view strategy,
+                                                    c10::string_view score, int64_t num_prefix,
+                                                    at::OptionalIntArrayRef grid) {
+  const PruneArgs p = check_prune(tokens, attn, keep, strategy, score, num_prefix, grid);
+  at::Tensor pruned = at::empty({p.sel.B, p.sel.keep, p.D}, tokens.options());
+  at::Tensor idx = at::empty({p.sel.B, p.sel.keep}, tokens.options().dtype(at::kLong));
+  if (p.sel.B == 0) return {pruned, idx};
+  at::Tensor sig = at::empty({p.sel.B, p.sel.N}, idx.options());
+  significance_into(attn, p.sig, sig);
+  const int64_t* s = sig.const_data_ptr<int64_t>();
+  int64_t* ix = idx.data_ptr<int64_t>();
+  char* out = static_cast<char*>(pruned.data_ptr());
+  const int64_t row_bytes = p.sel.keep * p.D * tokens.element_size();
+  for_each_image(p.sel.B, [&](int64_t b) {
+    std::vector<int64_t> scratch, order;
+    select_image(s + b * p.sel.N, p.sel, ix + b * p.sel.keep, scratch, order);
+    gather_image(tokens, b, ix + b * p.sel.keep, p.sel.keep, out + b * row_bytes);
+  });
+  return {pruned, idx};
+}
+
+}  // namespace fopru

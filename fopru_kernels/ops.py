@@ -1,0 +1,230 @@
+"""torch.ops.fopru.*: loading the compiled library, the pure-Python fallback, backend choice, fake kernels.
+
+With the compiled library (fopru_kernels/_C.so) the ops, their checks and their CPU/CUDA kernels
+live in C++ and an eager call never enters Python past the wrapper's attribute lookups. Without it,
+the same schemas are defined here and served by the reference (CPU) or Triton (CUDA).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _checks, reference
+
+# Keep identical to TORCH_LIBRARY(fopru) in csrc/ops.cpp (tests/test_ops.py checks it).
+SCHEMAS = {
+    "significance": 'significance(Tensor attn, str score="focal", int num_prefix=1) -> Tensor',
+    "select": 'select(Tensor sig, int keep, str strategy="rank", int[]? grid=None) -> Tensor',
+    "prune_tokens": (
+        'prune_tokens(Tensor tokens, Tensor attn, int keep, str strategy="rank", '
+        'str score="focal", int num_prefix=1, int[]? grid=None) -> (Tensor, Tensor)'
+    ),
+}
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+LIBRARY_PATH = os.path.join(os.path.dirname(__file__), "_C.so")
+
+
+def _load_library() -> str | None:
+    """Loads _C.so; returns None on success, else why it is unavailable."""
+    if os.environ.get("FOPRU_DISABLE_LIBRARY") == "1":  # tests of the pure-Python fallback
+        return "disabled by FOPRU_DISABLE_LIBRARY=1"
+    if not os.path.exists(LIBRARY_PATH):
+        return f"{LIBRARY_PATH} not built (run `make build`)"
+    try:
+        torch.ops.load_library(LIBRARY_PATH)
+    except (OSError, RuntimeError) as e:
+        return f"{LIBRARY_PATH} failed to load: {e}"
+    return None
+
+
+LIBRARY_ERROR = _load_library()
+HAS_LIBRARY = LIBRARY_ERROR is None
+_libs = []  # keeps Python registrations alive
+
+if not HAS_LIBRARY:
+    _def = torch.library.Library("fopru", "DEF")
+    _libs.append(_def)
+    for _schema in SCHEMAS.values():
+        _def.define(_schema)
+
+    def _grid(grid):
+        return None if grid is None else tuple(grid)
+
+    _def.impl("significance", lambda a, score="focal", p=1: reference.significance(a, score, p), "CPU")
+    _def.impl("select", lambda s, k, st="rank", g=None: reference.select(s, k, st, _grid(g)), "CPU")
+    _def.impl(
+        "prune_tokens",
+        lambda t, a, k, st="rank", sc="focal", p=1, g=None: reference.prune_tokens(t, a, k, st, sc, p, _grid(g)),
+        "CPU",
+    )
+    for _name in SCHEMAS:  # inference-only, as in C++: outputs never require grad
+        _def.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("fopru::prune_tokens", "CUDA")
+
+
+def _triton_module():
+    from .triton import prune_tokens as tk
+
+    return tk
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The C++ CUDA kernels are the production path; where the library was built without them,
+# CUDA tensors go to the Triton kernels (imported on first use, not at import time).
+if not HAS_CUDA_KERNELS and _has_triton():
+    _cuda = torch.library.Library("fopru", "IMPL")
+    _libs.append(_cuda)
+
+    def _sig_triton(attn, score="focal", num_prefix=1):
+        _checks.check_significance(attn, score, num_prefix)
+        return _triton_module().significance(attn, score, num_prefix)
+
+    def _select_triton(sig, keep, strategy="rank", grid=None):
+        rows, cols = _checks.check_select(sig, keep, strategy, grid)
+        return _triton_module().select(sig, keep, strategy, rows, cols)
+
+    def _prune_triton(tokens, attn, keep, strategy="rank", score="focal", num_prefix=1, grid=None):
+        rows, cols = _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
+        return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
+
+    _cuda.impl("significance", _sig_triton, "CUDA")
+    _cuda.impl("select", _select_triton, "CUDA")
+    _cuda.impl("prune_tokens", _prune_triton, "CUDA")
+
+
+# Fake kernels: output sizes depend only on shapes and keep, so torch.compile(fullgraph=True)
+# traces through the ops. They run the same checks, so bad input fails at trace time too.
+@torch.library.register_fake("fopru::significance")
+def _significance_fake(attn, score="focal", num_prefix=1):
+    _checks.check_significance(attn, score, num_prefix)
+    return attn.new_empty((attn.shape[0], attn.shape[3] - num_prefix), dtype=torch.int64)
+
+
+@torch.library.register_fake("fopru::select")
+def _select_fake(sig, keep, strategy="rank", grid=None):
+    _checks.check_select(sig, keep, strategy, grid)
+    return sig.new_empty((sig.shape[0], keep))
+
+
+@torch.library.register_fake("fopru::prune_tokens")
+def _prune_tokens_fake(tokens, attn, keep, strategy="rank", score="focal", num_prefix=1, grid=None):
+    _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
+    b, _, d = tokens.shape
+    return tokens.new_empty((b, keep, d)), tokens.new_empty((b, keep), dtype=torch.int64)
+
+
+_OP_SIG = torch.ops.fopru.significance.default
+_OP_SELECT = torch.ops.fopru.select.default
+_OP_PRUNE = torch.ops.fopru.prune_tokens.default
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run tensors on `device` in this install (besides 'auto')."""
+    dev = torch.device(device)
+    out = ["reference"]
+    if dev.type == "cpu" and HAS_LIBRARY:
+        out.append("cpu")
+    if dev.type == "cuda" and HAS_CUDA_KERNELS:
+        out.append("cuda")
+    if _has_triton() and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    return out
+
+
+def _require(backend: str, *tensors: torch.Tensor) -> None:
+    """Fails clearly when a forced backend cannot run these tensors."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    dev = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+    if backend == "cpu":
+        if not HAS_LIBRARY:
+            raise ValueError(f"backend='cpu' needs the compiled library: {LIBRARY_ERROR}")
+        if dev is not None and dev.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
+    elif backend == "cuda":
+        if not HAS_CUDA_KERNELS:
+            raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")
+        if dev is not None and dev.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {dev}")
+    elif backend == "triton" and not _has_triton():
+        raise ValueError("backend='triton' needs the triton package")
+
+
+def significance(
+    attn: torch.Tensor, score: str = "focal", num_prefix: int = 1, backend: str = "auto"
+) -> torch.Tensor:
+    """Token significance (SPEC.md): attn (B, H, Q, num_prefix + N) -> (B, N) int64 fixed-point sums.
+
+    score: 'focal' (larger-variance of received/paid attention), 'received' or 'cls' (CLS row only).
+    """
+    if backend == "auto":
+        return _OP_SIG(attn, score, num_prefix)
+    _require(backend, attn)
+    if backend == "reference":
+        return reference.significance(attn, score, num_prefix)
+    if backend == "triton":
+        _checks.check_significance(attn, score, num_prefix)
+        return _triton_module().significance(attn, score, num_prefix)
+    return _OP_SIG(attn, score, num_prefix)
+
+
+def select(
+    sig: torch.Tensor,
+    keep: int,
+    strategy: str = "rank",
+    grid: tuple[int, int] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Kept indices (SPEC.md): sig (B, N) int64 -> (B, keep) int64, ascending in each row.
+
+    strategy 'rank' keeps the `keep` highest tokens; 'row' keeps keep / cols whole grid rows.
+    """
+    if backend == "auto":
+        return _OP_SELECT(sig, keep, strategy, grid)
+    _require(backend, sig)
+    if backend == "reference":
+        return reference.select(sig, keep, strategy, grid)
+    if backend == "triton":
+        rows, cols = _checks.check_select(sig, keep, strategy, grid)
+        return _triton_module().select(sig, keep, strategy, rows, cols)
+    return _OP_SELECT(sig, keep, strategy, grid)
+
+
+def prune_tokens(
+    tokens: torch.Tensor,
+    attn: torch.Tensor,
+    keep: int,
+    strategy: str = "rank",
+    score: str = "focal",
+    num_prefix: int = 1,
+    grid: tuple[int, int] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep `keep` visual tokens per image, in their original order (SPEC.md).
+
+    tokens: (B, N, D) float16/bfloat16/float32 patch features (CLS already removed), any strides.
+    attn:   (B, H, Q, num_prefix + N) attention of one encoder layer (probabilities or logits);
+            Q = 1 (the CLS row) is enough for score='cls', 'received'/'focal' need the square map.
+    grid:   (rows, cols) of the patch grid; None means square. Needed by strategy='row'.
+    backend: 'auto' (C++ on CPU, CUDA C++ or Triton on GPU), or force 'cpu', 'cuda', 'triton', 'reference'.
+    Returns pruned (B, keep, D) of tokens' dtype and idx (B, keep) int64, both contiguous.
+    """
+    if backend == "auto":
+        return _OP_PRUNE(tokens, attn, keep, strategy, score, num_prefix, grid)
+    _require(backend, tokens)
+    if backend == "reference":
+        return reference.prune_tokens(tokens, attn, keep, strategy, score, num_prefix, grid)
+    if backend == "triton":
+        rows, cols = _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
+        return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
+    return _OP_PRUNE(tokens, attn, keep, strategy, score, num_prefix, grid)

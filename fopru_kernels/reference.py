@@ -1,0 +1,155 @@
+"""SPEC.md written as plain PyTorch: the oracle every backend is tested against.
+
+Readability comes first here; speed is the other backends' job. Every function validates its
+inputs with the same messages as the C++ op (see ``_checks.py``), so the pure-Python fallback and
+the compiled library reject bad input alike.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_prune, check_select, check_significance, resolve_grid
+
+FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
+FX_CLAMP = 256.0
+
+
+def fixed_point(attn: torch.Tensor) -> torch.Tensor:
+    """fx(a) = trunc(clamp(nan_to_0(a), -256, 256) * 2^28) as int64, any shape.
+
+    Computed in float32 for 16/32-bit inputs and float64 for float64 inputs; the scaling is a power
+    of two, so it is exact, and the cast to int64 truncates toward zero.
+    """
+    x = attn.double() if attn.dtype == torch.float64 else attn.float()
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    x = x.clamp(-FX_CLAMP, FX_CLAMP) * FX_SCALE
+    return x.to(torch.int64)
+
+
+def _focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where the column sums have the larger variance (ties go to the rows)."""
+    n = col.shape[1]
+    colf, rowf = col.double(), row.double()
+    m = colf.sum(dim=1, keepdim=True) / n
+    vc = ((colf - m) ** 2).sum(dim=1)
+    vr = ((rowf - m) ** 2).sum(dim=1)
+    return vc > vr
+
+
+def significance_and_choice(
+    attn: torch.Tensor, score: str = "focal", num_prefix: int = 1
+) -> tuple[torch.Tensor, list[str]]:
+    """Significance (B, N) int64 and, per image, which vector it is: 'cls', 'col' or 'row'."""
+    check_significance(attn, score, num_prefix)
+    return _significance(attn, score, num_prefix)
+
+
+def _significance(attn: torch.Tensor, score: str, num_prefix: int) -> tuple[torch.Tensor, list[str]]:
+    p = num_prefix
+    b, _, _, s = attn.shape
+    n = s - p
+    if b == 0:
+        return torch.zeros(0, n, dtype=torch.int64, device=attn.device), []
+    if score == "cls":
+        sig = fixed_point(attn[:, :, 0, p:]).sum(dim=1)
+        return sig, ["cls"] * b
+    patch = fixed_point(attn[:, :, p:, p:])  # (B, H, N queries, N keys)
+    col = patch.sum(dim=(1, 2))  # attention each token receives
+    if score == "received":
+        return col, ["col"] * b
+    row = patch.sum(dim=(1, 3))  # attention each token pays
+    use_col = _focal_choice(col, row)
+    sig = torch.where(use_col[:, None], col, row)
+    return sig, ["col" if c else "row" for c in use_col.tolist()]
+
+
+def significance(attn: torch.Tensor, score: str = "focal", num_prefix: int = 1) -> torch.Tensor:
+    """Token significance, SPEC.md 'Significance'.
+
+    attn: (B, H, Q, S) float16/bfloat16/float32/float64, S = num_prefix + N.
+    Returns (B, N) int64 fixed-point sums.
+    """
+    return significance_and_choice(attn, score, num_prefix)[0]
+
+
+def _top_in_order(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest entries per row, ties to the lower index, ascending."""
+    # A stable descending sort keeps equal scores in index order, which is the tie-break rule.
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    return order[:, :count].sort(dim=1).values
+
+
+def select(
+    sig: torch.Tensor, keep: int, strategy: str = "rank", grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Kept token indices, SPEC.md 'Selection'.
+
+    sig: (B, N) int64. Returns (B, keep) int64, strictly increasing in each row.
+    """
+    return _select(sig, keep, strategy, *check_select(sig, keep, strategy, grid))
+
+
+def _select(sig: torch.Tensor, keep: int, strategy: str, rows: int, cols: int) -> torch.Tensor:
+    b = sig.shape[0]
+    if strategy == "rank":
+        return _top_in_order(sig, keep).contiguous()
+    rowscore = sig.reshape(b, rows, cols).sum(dim=2)
+    kept_rows = _top_in_order(rowscore, keep // cols)  # (B, r)
+    x = torch.arange(cols, device=sig.device)
+    return (kept_rows[:, :, None] * cols + x).reshape(b, keep).contiguous()
+
+
+def gather_rows(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """pruned[b, k] = tokens[b, idx[b, k]]: (B, N, D), (B, K) -> (B, K, D) contiguous."""
+    d = tokens.shape[2]
+    return torch.gather(tokens, 1, idx[:, :, None].expand(-1, -1, d)).contiguous()
+
+
+def prune_tokens(
+    tokens: torch.Tensor,
+    attn: torch.Tensor,
+    keep: int,
+    strategy: str = "rank",
+    score: str = "focal",
+    num_prefix: int = 1,
+    grid: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep `keep` tokens of each image in their original order.
+
+    tokens: (B, N, D) float16/bfloat16/float32; attn: (B, H, Q, num_prefix + N).
+    Returns pruned (B, keep, D) of tokens' dtype and idx (B, keep) int64.
+    """
+    rows, cols = check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
+    with torch.no_grad():
+        sig = _significance(attn, score, num_prefix)[0]
+        idx = _select(sig, keep, strategy, rows, cols)
+        return gather_rows(tokens, idx), idx
+
+
+def retained_count(
+    n_tokens: int, ratio: float, strategy: str = "rank", grid: tuple[int, int] | None = None
+) -> int:
+    """Tokens kept for `ratio` of `n_tokens`: rank floor(N * ratio), row floor(rows * ratio) * cols.
+
+    Pure Python, so a serving engine knows the count before the encoder runs.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if strategy == "rank":
+        return math.floor(n_tokens * ratio)
+    if strategy != "row":
+        raise ValueError(f"strategy must be 'rank' or 'row', got {strategy!r}")
+    rows, cols = resolve_grid(n_tokens, grid, required=True)
+    return math.floor(rows * ratio) * cols
+
+
+def positions(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(row, col) of each kept token: idx (B, K) int64 -> (B, K, 2) int64, for 2-D / M-RoPE models."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
+        raise ValueError("idx must be a (B, K) int64 tensor")
+    rows, cols = grid
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"grid must be two positive ints (rows, cols), got {grid}")
+    return torch.stack((idx // cols, idx % cols), dim=-1)

@@ -1,0 +1,132 @@
+"""Input builders shared by every backend's tests, so each backend is checked on the same grid."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prune_tokens call: shapes, options and how the inputs are laid out and filled."""
+
+    B: int = 2
+    N: int = 16
+    H: int = 2
+    D: int = 8
+    keep: int = 4
+    strategy: str = "rank"
+    score: str = "focal"
+    P: int = 1
+    grid: tuple[int, int] | None = None
+    attn_dtype: torch.dtype = torch.float32
+    tok_dtype: torch.dtype = torch.float16
+    layout: str = "contiguous"  # contiguous | strided | expanded
+    values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge)
+    seed: int = 0
+
+    @property
+    def cols(self) -> int:
+        if self.grid is not None:
+            return self.grid[1]
+        r = math.isqrt(self.N)
+        return r if r * r == self.N else self.N
+
+    def id(self) -> str:
+        dt = str(self.attn_dtype).replace("torch.", "")
+        tt = str(self.tok_dtype).replace("torch.", "")
+        return (
+            f"B{self.B}-N{self.N}-H{self.H}-D{self.D}-k{self.keep}-{self.strategy}-{self.score}-P{self.P}"
+            f"-g{self.grid}-{dt}-{tt}-{self.layout}-{self.values}-s{self.seed}"
+        ).replace(" ", "")
+
+    def with_(self, **kw) -> "Case":
+        return replace(self, **kw)
+
+
+def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    shape = (c.B, c.H, q, s)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    if c.values == "softmax":
+        return x.softmax(-1)
+    if c.values == "logits":
+        return x
+    if c.values == "quantised":  # few distinct values: heavy ties in every sum
+        return (x.softmax(-1) * 8).round() / 8
+    if c.values == "special":
+        flat = x.flatten()
+        pick = torch.randint(0, flat.numel(), (max(1, flat.numel() // 10),), generator=gen)
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 300.0], dtype=torch.float64)
+        flat[pick] = specials[torch.randint(0, len(specials), pick.shape, generator=gen)]
+        return flat.reshape(shape)
+    raise ValueError(c.values)
+
+
+def _lay_out(t: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """Same values, different strides: the kernels must not assume contiguity."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "strided":  # every second element of a wider buffer, innermost dim included
+        big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if layout == "expanded":  # batch dim of stride 0 (one image repeated)
+        return t[:1].expand(t.shape)
+    raise ValueError(layout)
+
+
+def make_inputs(c: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, N, D) and attn (B, H, Q, S) for case c; Q = 1 for 'cls' (CLS row only)."""
+    gen = torch.Generator().manual_seed(c.seed)
+    s = c.P + c.N
+    q = 1 if c.score == "cls" else s
+    attn = _attn_values(c, q, s, gen).to(c.attn_dtype)
+    tokens = torch.randn(c.B, c.N, c.D, generator=gen).to(c.tok_dtype)
+    attn = _lay_out(attn, c.layout, gen)
+    tokens = _lay_out(tokens, c.layout, gen)
+    return tokens.to(device), attn.to(device)
+
+
+def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> list[Case]:
+    """The test grid of ARCHITECTURE.md: sizes, scores, strategies, dtypes, layouts, values, keeps.
+
+    small=True keeps each case cheap (interpreter runs): fewer heads, tiny D and only the CLS row
+    for large N.
+    """
+    grids = {1: (1, 1), 2: (1, 2), 16: (4, 4), 575: (23, 25), 576: (24, 24), 577: (1, 577), 2880: (48, 60)}
+    cases = []
+    for i, n in enumerate(sizes):
+        g = grids[n]
+        for j, score in enumerate(("cls", "received", "focal")):
+            if small and n > 600 and score != "cls":
+                continue
+            h = 2 if small or n > 600 else 4
+            for strategy in ("rank", "row"):
+                cols = g[1]
+                for keep in sorted({0, min(1, n), n // 4, n}):
+                    if strategy == "row":
+                        keep = keep // cols * cols
+                    k = i * 7 + j * 3 + keep  # spread dtypes/layouts/values/prefixes over the grid
+                    cases.append(
+                        Case(
+                            B=2 if n > 600 else 3,
+                            N=n,
+                            H=h,
+                            D=4 if small else 8,
+                            keep=keep,
+                            strategy=strategy,
+                            score=score,
+                            P=(1, 5, 0)[k % 3] if score != "cls" else (1, 5)[k % 2],
+                            grid=g if (strategy == "row" or k % 2) else None if n in (1, 16, 576) else g,
+                            attn_dtype=ATTN_DTYPES[k % 4],
+                            tok_dtype=TOKEN_DTYPES[k % 3],
+                            layout=("contiguous", "strided", "expanded")[(k // 2) % 3],
+                            values=("softmax", "logits", "quantised", "special")[(k // 3) % 4],
+                            seed=k,
+                        )
+                    )
+    return list({c.id(): c for c in cases}.values())

@@ -18,6 +18,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
 
 # torch guesses CUDA_HOME from the nvcc on PATH; with /usr/local/bin/nvcc it guesses /usr/local,
 # which holds no CUDA headers. Prefer the toolkit's own folder when there is one.
@@ -62,7 +63,7 @@ def _extensions():
     sources = ["csrc/ops.cpp", "csrc/cpu/prune_tokens.cpp"]
     cxx = ["-O3", "-fvisibility=hidden"]
     if not _want_cuda():
-        return [CppExtension("fopru_kernels._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=False)]
+        return [CppExtension("fopru_kernels._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})]
     archs = [a.strip() for a in os.environ.get("FOPRU_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     for a in archs:
@@ -72,7 +73,7 @@ def _extensions():
         CUDAExtension(
             "fopru_kernels._C",
             sources + ["csrc/cuda/prune_tokens.cu"],
-            include_dirs=_nvidia_include_dirs(),
+            include_dirs=[CSRC] + _nvidia_include_dirs(),
             extra_compile_args={"cxx": cxx + ["-DFOPRU_WITH_CUDA"], "nvcc": nvcc},
         )
     ]

@@ -59,6 +59,8 @@ def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
         return (x.softmax(-1) * 8).round() / 8
     if c.values == "special":
         flat = x.flatten()
+        if flat.numel() == 0:
+            return x
         pick = torch.randint(0, flat.numel(), (max(1, flat.numel() // 10),), generator=gen)
         specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 300.0], dtype=torch.float64)
         flat[pick] = specials[torch.randint(0, len(specials), pick.shape, generator=gen)]

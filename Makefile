@@ -1,0 +1,49 @@
+# The README's commands. Each target sets up what it needs from nothing: venv, PyTorch, Triton, build.
+#   make demo   prune a LLaVA-1.5-shaped batch, show the kept tokens and time every backend
+#   make test   build, run the test suite (Triton kernels under TRITON_INTERPRET=1) and the CMake/ctest build
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+# CUDA kernels are compiled whenever a toolkit is found (no GPU needed); FOPRU_BUILD_CUDA=0 skips them.
+export MAX_JOBS ?= 2
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+.PHONY: demo test pytest build cmake-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" triton numpy ninja \
+		"pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "pytest-timeout>=2" "matplotlib>=3.7"
+	touch $@
+
+fopru_kernels/_C.so: $(VENV)/.installed $(CSRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+
+build: fopru_kernels/_C.so
+
+demo: build
+	$(PY) -m fopru_kernels demo
+
+pytest: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+# The same sources against LibTorch via CMake, with the C++ test under ctest. CPU kernels only:
+# the CUDA kernels are compiled by setup.py above (-DFOPRU_CUDA=ON builds them here too).
+cmake-test: $(VENV)/.installed
+	TORCH_CUDA_ARCH_LIST="8.0;9.0" cmake -S . -B cmake-build \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DCUDA_TOOLKIT_ROOT_DIR=/usr/local/cuda -DCUDAToolkit_ROOT=/usr/local/cuda \
+		-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
+		-DCUDA_nvrtc_LIBRARY="$$(ls $(VENV)/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.* | head -1)" \
+		-DFOPRU_NVIDIA_INCLUDE="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu13/include | head -1)"
+	cmake --build cmake-build -j$(MAX_JOBS)
+	ctest --test-dir cmake-build --output-on-failure
+
+test: pytest cmake-test
+
+bench: build
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only
+
+clean:
+	rm -rf build cmake-build fopru_kernels/_C.so

@@ -1,0 +1,108 @@
+"""Every error of SPEC.md: a ValueError whose text names the argument, the same on every backend."""
+import pytest
+import torch
+
+import fopru_kernels as F
+from conftest import cpu_backends
+
+BIG = 2**16  # heads in the size-limit cases: expanded views, so nothing is allocated
+
+
+def _t(b=2, n=4, d=3, dtype=torch.float32):
+    return torch.randn(b, n, d).to(dtype)
+
+
+def _a(b=2, h=2, q=5, s=5, dtype=torch.float32):
+    return torch.rand(b, h, q, s).to(dtype)
+
+
+PRUNE_ERRORS = {
+    "tokens-2d": (dict(tokens=torch.randn(4, 3)), r"tokens must be 3-D \(B, N, D\), got 2-D"),
+    "tokens-dtype": (dict(tokens=_t(dtype=torch.int32)), r"tokens must be float16, bfloat16 or float32, got int32"),
+    "tokens-fp64": (dict(tokens=_t(dtype=torch.float64)), r"tokens must be .* got float64"),
+    "attn-3d": (dict(attn=torch.rand(2, 5, 5)), r"attn must be 4-D \(B, H, Q, S\), got 3-D"),
+    "attn-dtype": (dict(attn=_a(dtype=torch.int64)), r"attn must be float16, bfloat16, float32 or float64, got int64"),
+    "score": (dict(score="mean"), r"score must be 'focal', 'received' or 'cls', got 'mean'"),
+    "strategy": (dict(strategy="top"), r"strategy must be 'rank' or 'row', got 'top'"),
+    "prefix-large": (dict(num_prefix=5), r"num_prefix must be in \[0, S\) = \[0, 5\) with S = attn.shape\[3\], got 5"),
+    "prefix-negative": (dict(num_prefix=-1), r"num_prefix must be in \[0, S\) .* got -1"),
+    "cls-no-prefix": (dict(score="cls", num_prefix=0, attn=_a(q=1, s=4)), r"score='cls' needs num_prefix >= 1"),
+    "cls-no-row": (dict(score="cls", attn=_a(q=0)), r"score='cls' needs the CLS query row: attn.shape\[2\] \(Q\)"),
+    "received-not-square": (dict(score="received", attn=_a(q=1)), r"score='received' needs a square map: .* = 5, got 1"),
+    "focal-not-square": (dict(score="focal", attn=_a(q=3)), r"score='focal' needs a square map"),
+    "batch": (dict(attn=_a(b=3)), r"attn.shape\[0\] \(B\) must equal tokens.shape\[0\] = 2, got 3"),
+    "tokens-n": (dict(attn=_a(q=6, s=6)), r"attn.shape\[3\] - num_prefix must equal tokens.shape\[1\] \(N\) = 4, got 6 - 1 = 5"),
+    "keep-negative": (dict(keep=-1), r"keep must be in \[0, N\] = \[0, 4\], got -1"),
+    "keep-large": (dict(keep=5), r"keep must be in \[0, N\] = \[0, 4\], got 5"),
+    "grid-product": (dict(grid=(3, 3)), r"grid must be \(rows, cols\) of positive ints with rows \* cols == N = 4, got \(3, 3\)"),
+    "grid-length": (dict(grid=(4,)), r"grid must be \(rows, cols\) .* got \(4,\)"),
+    "row-multiple": (
+        dict(tokens=_t(n=16), attn=_a(q=17, s=17), strategy="row", keep=6),
+        r"keep must be a multiple of cols = 4 for strategy='row', got 6: nearest valid values are 4 and 8",
+    ),
+    "row-not-square": (
+        dict(tokens=_t(n=6), attn=_a(q=7, s=7), strategy="row", keep=2),
+        r"grid=None means a square grid, but N = 6 is not a perfect square: pass grid=\(rows, cols\)",
+    ),
+    "size-focal": (
+        dict(tokens=_t(b=1, n=1025), attn=torch.zeros(1, 1, 1, 1).expand(1, BIG, 1026, 1026)),
+        r"attn is too large for exact int64 sums: H \* Q' \* W' = 65536 \* 1025 \* 1 = 67174400 exceeds 2\^26",
+    ),
+    "size-cls-row": (
+        dict(
+            tokens=_t(b=1, n=2048), attn=torch.zeros(1, 1, 1, 1).expand(1, 2 * BIG, 1, 2049),
+            score="cls", strategy="row", keep=0, grid=(2, 1024),
+        ),
+        r"H \* Q' \* W' = 131072 \* 1 \* 1024 = 134217728 exceeds 2\^26",
+    ),
+    "device": (dict(attn=_a().to("meta")), r"attn must be on the same device as tokens \(cpu\), got meta"),
+}
+
+
+def _prune_args(**over):
+    args = dict(tokens=_t(), attn=_a(), keep=2, strategy="rank", score="focal", num_prefix=1, grid=None)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", PRUNE_ERRORS)
+def test_prune_tokens_errors(name, backend):
+    over, pattern = PRUNE_ERRORS[name]
+    if name == "device" and backend not in ("reference", "triton"):
+        pytest.skip("mixed-device dispatch goes to the meta kernel, which runs the Python checks")
+    with pytest.raises(ValueError, match=pattern):
+        F.prune_tokens(**_prune_args(**over), backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_significance_and_select_errors(backend):
+    with pytest.raises(ValueError, match=r"score='received' needs a square map"):
+        F.significance(_a(q=1), "received", backend=backend)
+    with pytest.raises(ValueError, match=r"sig must be a 2-D \(B, N\) int64 tensor"):
+        F.select(torch.zeros(2, 4), 1, backend=backend)
+    with pytest.raises(ValueError, match=r"keep must be a multiple of cols = 2 .* nearest valid values are 2 and 4"):
+        F.select(torch.zeros(1, 4, dtype=torch.int64), 3, "row", backend=backend)
+
+
+def test_backend_name_is_checked():
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'gpu'"):
+        F.prune_tokens(_t(), _a(), 2, backend="gpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    if not F.HAS_CUDA_KERNELS:
+        with pytest.raises(ValueError, match=r"backend='cuda' needs the library built with its CUDA kernels"):
+            F.prune_tokens(_t(), _a(), 2, backend="cuda")
+    else:
+        with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors, got cpu"):
+            F.prune_tokens(_t(), _a(), 2, backend="cuda")
+
+
+def test_retained_count_and_positions_errors():
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]"):
+        F.retained_count(576, 1.5)
+    with pytest.raises(ValueError, match=r"grid=None means a square grid, but N = 575"):
+        F.retained_count(575, 0.25, "row")
+    with pytest.raises(ValueError, match=r"idx must be a \(B, K\) int64 tensor"):
+        F.positions(torch.zeros(3), (2, 2))

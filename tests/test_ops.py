@@ -1,0 +1,108 @@
+"""Op registration: one schema, opcheck, torch.compile, no autograd, the pure-Python fallback, helpers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fopru_kernels as F
+from cases import Case, make_inputs
+from fopru_kernels import reference
+from fopru_kernels.ops import SCHEMAS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_registered_schema_is_the_python_schema(name):
+    # With the library loaded, the schema comes from C++: it must be the string ops.py would define.
+    op = getattr(torch.ops.fopru, name).default
+    assert op._schema == torch._C.parse_schema("fopru::" + SCHEMAS[name])
+
+
+def _opcheck_args():
+    c = Case(B=2, N=16, H=2, D=4, keep=5, score="focal", layout="strided")
+    tokens, attn = make_inputs(c)
+    sig = reference.significance(attn, "focal", 1)
+    return [
+        (torch.ops.fopru.prune_tokens.default, (tokens, attn, 5, "rank", "focal", 1, None)),
+        (torch.ops.fopru.prune_tokens.default, (tokens, attn, 8, "row", "received", 1, [4, 4])),
+        (torch.ops.fopru.prune_tokens.default, (tokens, attn[:, :, :1], 0, "rank", "cls", 1, None)),
+        (torch.ops.fopru.significance.default, (attn, "cls", 1)),
+        (torch.ops.fopru.significance.default, (attn, "focal", 1)),
+        (torch.ops.fopru.select.default, (sig, 8, "row", [4, 4])),
+        (torch.ops.fopru.select.default, (sig, 3, "rank", None)),
+    ]
+
+
+@pytest.mark.parametrize("op,args", _opcheck_args())
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    c = Case(B=2, N=16, H=2, D=4, keep=5, score="focal")
+    tokens, attn = make_inputs(c)
+
+    @torch.compile(fullgraph=True)
+    def prune(t, a):
+        pruned, idx = torch.ops.fopru.prune_tokens(t * 2, a, 5, "rank", "focal", 1, None)
+        return pruned + 1, idx
+
+    pruned, idx = prune(tokens, attn)
+    want_pruned, want_idx = reference.prune_tokens(tokens * 2, attn, 5)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(pruned, want_pruned + 1)
+
+
+def test_outputs_never_require_grad():
+    tokens, attn = make_inputs(Case(B=2, N=16, keep=4, tok_dtype=torch.float32))
+    tokens.requires_grad_(True)
+    attn.requires_grad_(True)
+    pruned, idx = F.prune_tokens(tokens, attn, 4)
+    assert not pruned.requires_grad and not idx.requires_grad
+    assert not F.significance(attn).requires_grad
+
+
+def test_pure_python_fallback_defines_the_same_ops():
+    # A process without the compiled library still has torch.ops.fopru.*, served by the reference.
+    code = (
+        "import torch, fopru_kernels as F\n"
+        "assert not F.HAS_LIBRARY\n"
+        "from fopru_kernels.ops import SCHEMAS\n"
+        "for n, s in SCHEMAS.items():\n"
+        "    assert getattr(torch.ops.fopru, n).default._schema == torch._C.parse_schema('fopru::' + s)\n"
+        "a = torch.rand(2, 2, 17, 17); t = torch.randn(2, 16, 3)\n"
+        "p, i = F.prune_tokens(t, a, 4)\n"
+        "rp, ri = F.reference.prune_tokens(t, a, 4)\n"
+        "assert torch.equal(p, rp) and torch.equal(i, ri)\n"
+        "torch.library.opcheck(torch.ops.fopru.prune_tokens.default, (t, a, 8, 'row', 'focal', 1, None))\n"
+        "try:\n"
+        "    F.prune_tokens(t, a, 17)\n"
+        "except ValueError as e:\n"
+        "    assert 'keep must be in [0, N] = [0, 16], got 17' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, FOPRU_DISABLE_LIBRARY="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
+
+
+def test_retained_count():
+    assert F.retained_count(576, 0.25) == 144
+    assert F.retained_count(576, 0.25, "row") == 144  # floor(24 * .25) * 24
+    assert F.retained_count(575, 0.3, "row", (23, 25)) == 6 * 25
+    assert F.retained_count(577, 1.0) == 577
+    assert F.retained_count(576, 0.0) == 0
+
+
+def test_positions():
+    idx = torch.tensor([[0, 5, 23], [24, 25, 575]])
+    pos = F.positions(idx, (24, 24))
+    assert pos.tolist() == [[[0, 0], [0, 5], [0, 23]], [[1, 0], [1, 1], [23, 23]]]
+    assert pos.dtype == torch.int64 and pos.shape == (2, 3, 2)

@@ -64,25 +64,35 @@ int64_t fx_row(const T* r, int64_t stride, int64_t n, int64_t* col, std::vector<
   }
 }
 
-// sig[0..N) of image b. `col` and `row` are scratch of N int64 each.
+// CLS scores of image b: sig[j] = sum_h fx(attn[b, h, 0, P + j]).
 template <typename T>
-void significance_image(const at::Tensor& attn, const SigArgs& a, int64_t b, int64_t* sig,
-                        std::vector<int64_t>& row) {
-  const T* base = attn.const_data_ptr<T>() + b * attn.stride(0);
-  const int64_t sh = attn.stride(1), sq = attn.stride(2), ss = attn.stride(3);
-  const T* patch = base + a.P * ss;
+void cls_image(const at::Tensor& attn, const SigArgs& a, int64_t b, int64_t* sig) {
+  const T* patch = attn.const_data_ptr<T>() + b * attn.stride(0) + a.P * attn.stride(3);
   std::vector<float> buf(a.N);
   std::fill(sig, sig + a.N, 0);
-  if (a.score == Score::kCls) {
-    for (int64_t h = 0; h < a.H; ++h) fx_row(patch + h * sh, ss, a.N, sig, buf);
-    return;
-  }
-  // col sums accumulate straight into sig; row sums go to `row`.
-  row.assign(a.N, 0);
+  for (int64_t h = 0; h < a.H; ++h) fx_row(patch + h * attn.stride(1), attn.stride(3), a.N, sig, buf);
+}
+
+// Query rows [i0, i1) of image b, all heads: col[j] += their fx sums (a partial of the received
+// scores), row[i] = the attention each of those queries pays. Rows are disjoint between tasks.
+template <typename T>
+void map_rows(const at::Tensor& attn, const SigArgs& a, int64_t b, int64_t i0, int64_t i1, int64_t* col,
+              int64_t* row) {
+  const int64_t sh = attn.stride(1), sq = attn.stride(2), ss = attn.stride(3);
+  const T* patch = attn.const_data_ptr<T>() + b * attn.stride(0) + a.P * ss + a.P * sq;
+  std::vector<float> buf(a.N);
+  std::fill(col, col + a.N, 0);
+  std::fill(row + i0, row + i1, 0);
   for (int64_t h = 0; h < a.H; ++h) {
-    for (int64_t i = 0; i < a.N; ++i) {
-      row[i] += fx_row(patch + h * sh + (a.P + i) * sq, ss, a.N, sig, buf);
-    }
+    for (int64_t i = i0; i < i1; ++i) row[i] += fx_row(patch + h * sh + i * sq, ss, a.N, col, buf);
+  }
+}
+
+// Sums the partial column sums of image b into sig and applies the focal variance rule.
+void finish_map(const SigArgs& a, const int64_t* partials, int64_t chunks, const int64_t* row, int64_t* sig) {
+  std::copy(partials, partials + a.N, sig);
+  for (int64_t c = 1; c < chunks; ++c) {
+    for (int64_t j = 0; j < a.N; ++j) sig[j] += partials[c * a.N + j];
   }
   if (a.score == Score::kReceived) return;
   double total = 0;
@@ -94,7 +104,7 @@ void significance_image(const at::Tensor& attn, const SigArgs& a, int64_t b, int
     vc += dc * dc;
     vr += dr * dr;
   }
-  if (!focal_use_col(vc, vr)) std::copy(row.begin(), row.end(), sig);
+  if (!focal_use_col(vc, vr)) std::copy(row, row + a.N, sig);
 }
 
 // The `count` largest of score[0..n) (ties to the lower index), written to out in index order.
@@ -161,10 +171,26 @@ void for_each_image(int64_t batch, const F& f) {
 
 void significance_into(const at::Tensor& attn, const SigArgs& a, at::Tensor& sig) {
   int64_t* out = sig.data_ptr<int64_t>();
+  if (a.B == 0 || a.N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "fopru_significance", [&] {
+    if (a.score == Score::kCls) {
+      for_each_image(a.B, [&](int64_t b) { cls_image<scalar_t>(attn, a, b, out + b * a.N); });
+      return;
+    }
+    // Full maps: with fewer images than threads, split each image's query rows into chunks so
+    // B = 1 uses every core; integer partial sums make the split invisible in the result.
+    const int64_t threads = at::get_num_threads();
+    const int64_t chunks = std::min<int64_t>(a.N, a.B >= threads ? 1 : (threads + a.B - 1) / a.B);
+    std::vector<int64_t> partials(a.B * chunks * a.N), rows(a.B * a.N);
+    at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / chunks, c = t % chunks;
+        map_rows<scalar_t>(attn, a, b, a.N * c / chunks, a.N * (c + 1) / chunks, partials.data() + t * a.N,
+                           rows.data() + b * a.N);
+      }
+    });
     for_each_image(a.B, [&](int64_t b) {
-      std::vector<int64_t> row;
-      significance_image<scalar_t>(attn, a, b, out + b * a.N, row);
+      finish_map(a, partials.data() + b * chunks * a.N, chunks, rows.data() + b * a.N, out + b * a.N);
     });
   });
 }

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command, from the repository root of a GPU host:
+#   (a) environment  (b) build the extension in place  (c) tests/  (d) benchmark report
+#   (e) compute-sanitizer memcheck + racecheck on tests/sanitizer_case.py  (f) summary.
+#
+#   scripts/gpu_check.sh OUTDIR [--quick] [--skip STEP[,STEP...]] [--dry-run]
+#
+# Steps: env, build, tests, bench, memcheck, racecheck. Each step runs under `timeout`, logs into
+# OUTDIR/gpu_check.log and goes on past failures; a step's timeout is cut so that none runs past
+# GPU_CHECK_BUDGET_S seconds from the start (default 450: the whole run stays under 8 minutes).
+# OUTDIR receives six files: gpu_check.log, summary.txt, junit.xml, report.md, report.json,
+# latency.png (the device tool brings back at most 8). Exit status 1 if a step failed or timed out.
+#   PYTHON              interpreter (default python3)
+#   GPU_CHECK_BUDGET_S  seconds for the whole run (default 450)
+#   --quick             bench --quick;  --skip build,bench  skips steps;  --dry-run logs the steps only
+set -u -o pipefail
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
+[ $# -ge 1 ] || usage
+OUTDIR=$1; shift
+QUICK=""; SKIP=","; DRY=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) QUICK="--quick" ;;
+        --skip) SKIP=",$2,"; shift ;;
+        --dry-run) DRY=1 ;;
+        *) usage ;;
+    esac
+    shift
+done
+[ -f setup.py ] && [ -d fopru_kernels ] || { echo "run from the repository root" >&2; exit 2; }
+
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+LOG=$OUTDIR/gpu_check.log
+SUMMARY=$OUTDIR/summary.txt
+: >"$LOG"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+export PYTHONUNBUFFERED=1
+RESULTS=()
+
+# step NAME LIMIT_S COMMAND: runs COMMAND (a bash string) under timeout, appends its output to the
+# log, records PASS / FAIL / TIMEOUT / SKIP. On failure the end of its output goes to stdout too.
+step() {
+    local name=$1 limit=$2 cmd=$3 left status rc start offset
+    left=$((BUDGET - SECONDS))
+    if [[ $SKIP == *",$name,"* ]]; then
+        RESULTS+=("$name|SKIP|0|--skip $name"); echo "[$name] SKIP (--skip)"; return
+    fi
+    if [ "$left" -lt 15 ]; then
+        RESULTS+=("$name|SKIP|0|out of the ${BUDGET}s budget"); echo "[$name] SKIP (budget spent)"; return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    printf '\n===== [%s] %s  timeout %ss\n$ %s\n' "$name" "$(date -u +%FT%TZ)" "$limit" "$cmd" >>"$LOG"
+    echo "[$name] running (timeout ${limit}s)"
+    if [ "$DRY" = 1 ]; then
+        RESULTS+=("$name|DRY|0|not run (--dry-run)"); return
+    fi
+    offset=$(($(stat -c %s "$LOG") + 1))
+    start=$SECONDS
+    timeout --kill-after=15 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+    rc=$?
+    case $rc in
+        0) status=PASS ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status=FAIL ;;
+    esac
+    printf '\n----- [%s] %s rc=%s %ss\n' "$name" "$status" "$rc" "$((SECONDS - start))" >>"$LOG"
+    RESULTS+=("$name|$status|$((SECONDS - start))|rc=$rc")
+    echo "[$name] $status after $((SECONDS - start))s"
+    if [ $status != PASS ]; then
+        tail -c +"$offset" "$LOG" | tail -n 25 | sed "s/^/  [$name] /"
+    fi
+}
+
+# (a) environment
+step env 60 "rc=0; nvidia-smi || rc=1
+$PY -c 'import sys, torch
+print(sys.version)
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)
+try:
+    import triton; print(\"triton\", triton.__version__)
+except ImportError as e:
+    print(\"triton missing:\", e)
+assert torch.cuda.is_available(), \"torch sees no GPU\"
+print(\"gpu\", torch.cuda.get_device_name())' || rc=1
+nvcc --version | tail -n 2 || rc=1
+command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
+exit \$rc"
+
+# (b) build against this torch; torch's headers want cusparse.h & co, which the toolkit may lack:
+# take them from the nvidia wheels torch depends on.
+NVINC=$($PY - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+roots = [*site.getsitepackages(), *sys.path]
+dirs = [d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "cu[0-9]*", "include"))]
+dirs = dirs or [d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "include"))]
+print(":".join(dict.fromkeys(os.path.realpath(d) for d in dirs if os.path.isdir(d))))
+EOF
+)
+[ -n "$NVINC" ] && export CPATH=$NVINC${CPATH:+:$CPATH}
+echo "CPATH=${CPATH:-}" >>"$LOG"
+step build 240 "FOPRU_BUILD_CUDA=1 FOPRU_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
+$PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda kernels:\", F.HAS_CUDA_KERNELS, \"backends:\", F.available_backends(\"cuda\")); assert F.HAS_CUDA_KERNELS, \"built without the CUDA kernels\"'"
+
+# (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease)
+TIMEOUT_OPT=""
+$PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
+step tests 210 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py -q -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $TIMEOUT_OPT --junitxml='$OUTDIR/junit.xml'"
+
+# (d) benchmark report: report.md, report.json, latency.png
+step bench 180 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"
+
+# (e) compute-sanitizer; no caching allocator, so an out-of-bounds access inside a cached block is seen
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck; do
+    if [ ! -f tests/sanitizer_case.py ]; then
+        RESULTS+=("$tool|SKIP|0|tests/sanitizer_case.py missing"); echo "[$tool] SKIP (no tests/sanitizer_case.py)"; continue
+    fi
+    if [ ! -x "$SANITIZER" ]; then
+        RESULTS+=("$tool|SKIP|0|compute-sanitizer not found"); echo "[$tool] SKIP (no compute-sanitizer)"; continue
+    fi
+    step $tool 90 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 1 $PY tests/sanitizer_case.py"
+done
+
+# (f) summary
+{
+    echo "gpu_check $(date -u +%FT%TZ), ${SECONDS}s in all (budget ${BUDGET}s), out: $OUTDIR"
+    printf '%-10s %-8s %6s  %s\n' step status secs note
+    for r in "${RESULTS[@]}"; do
+        IFS='|' read -r name status secs note <<<"$r"
+        printf '%-10s %-8s %6s  %s\n' "$name" "$status" "$secs" "$note"
+    done
+    tests_line=$(sed -n '/^===== \[tests\]/,/^----- \[tests\]/p' "$LOG" | grep -E '(passed|failed|error|skipped).* in [0-9.]+s' | tail -n 1)
+    [ -n "$tests_line" ] && echo "tests: $tests_line"
+    if [ -f "$OUTDIR/report.md" ]; then
+        sed -n '/^## Targets/,/^## Results/p' "$OUTDIR/report.md" | grep '^| [a-z]' | grep -v '^| backend'
+    fi
+} >"$SUMMARY"
+printf '\n===== summary\n' >>"$LOG"
+cat "$SUMMARY" >>"$LOG"
+echo
+cat "$SUMMARY"
+grep -qE '^[a-z]+ +(FAIL|TIMEOUT) ' "$SUMMARY" && exit 1
+exit 0

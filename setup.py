@@ -61,9 +61,12 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp", "csrc/cpu/prune_tokens.cpp"]
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inlined here and runs serially unless OpenMP is on (libgomp is
+    # the runtime torch itself loads).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if not _want_cuda():
-        return [CppExtension("fopru_kernels._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx})]
+        return [CppExtension("fopru_kernels._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     archs = [a.strip() for a in os.environ.get("FOPRU_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     for a in archs:
@@ -75,6 +78,7 @@ def _extensions():
             sources + ["csrc/cuda/prune_tokens.cu"],
             include_dirs=[CSRC] + _nvidia_include_dirs(),
             extra_compile_args={"cxx": cxx + ["-DFOPRU_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
     ]
 

@@ -68,12 +68,12 @@ def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(c.values)
 
 
-def _lay_out(t: torch.Tensor, layout: str, gen: torch.Generator) -> torch.Tensor:
+def _lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values, different strides: the kernels must not assume contiguity."""
     if layout == "contiguous":
         return t.contiguous()
     if layout == "strided":  # every second element of a wider buffer, innermost dim included
-        big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         big[..., ::2] = t
         return big[..., ::2]
     if layout == "expanded":  # batch dim of stride 0 (one image repeated)
@@ -88,9 +88,8 @@ def make_inputs(c: Case, device: str | torch.device = "cpu") -> tuple[torch.Tens
     q = 1 if c.score == "cls" else s
     attn = _attn_values(c, q, s, gen).to(c.attn_dtype)
     tokens = torch.randn(c.B, c.N, c.D, generator=gen).to(c.tok_dtype)
-    attn = _lay_out(attn, c.layout, gen)
-    tokens = _lay_out(tokens, c.layout, gen)
-    return tokens.to(device), attn.to(device)
+    # Lay out on the target device: Tensor.to() would make strided/expanded inputs contiguous.
+    return _lay_out(tokens.to(device), c.layout), _lay_out(attn.to(device), c.layout)
 
 
 def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> list[Case]:

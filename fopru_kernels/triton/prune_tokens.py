@@ -1,0 +1,551 @@
+"""FoPru as Triton kernels: significance, selection and gather, bitwise equal to reference.py.
+
+Launchers take inputs already validated by ``_checks.py`` (``rows``/``cols`` resolved) and follow
+SPEC.md exactly: attention values become int64 fixed point, sums are integer (so atomics and any
+split of the work give the same bits), and selection compares integer keys only.
+
+Selection works on *units*: tokens for ``rank`` (width W = 1) and grid rows for ``row`` (W = cols,
+key = row sum). Ordering units by (key desc, unit asc) and expanding each to its W tokens is
+exactly SPEC.md's order for both strategies. Selection is threshold-then-compact: a radix search
+(histograms of 8-bit digits) over the keys' distance from their minimum finds the count-th largest
+key T, units above T are kept, ties at T are kept in index order up to the count, and a prefix sum
+gives every kept unit its output slot, so indices come out ascending without a sort.
+
+Launches per ``prune_tokens`` call (a (unit, x) tile of at most ``_MAX_TILE`` tokens, which covers
+every ViT grid up to 64 x 64):
+- ``cls``: one launch, ``_prune_fused_kernel``; each program recomputes the (cheap) CLS
+  significance and selection and gathers its share of the K x D rows.
+- ``received`` / ``focal``: a zeroed int64 workspace, ``_map_sums_kernel`` (many programs, atomics),
+  then ``_prune_fused_kernel`` (focal choice + selection + gather).
+Larger N falls back to staged kernels: significance, ``_select_kernel`` (one program per image,
+looping over chunks), ``_gather_kernel``.
+
+Measured on an H200 (Triton 3.6, torch 2.11, CUDA graph replay, warm clocks), LLaVA-1.5 shapes
+(N=576, H=16, D=1024, K=144, fp16): cls rank B=1 ~10 us per call (launch floor 1.1 us, CLS
+significance ~1 us, the rest the in-register selection, which is issue-bound); focal B=32
+~200 us = 68% of device copy bandwidth; focal B=1 ~26 us (the map reduction is latency-bound).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+FX_SCALE = tl.constexpr(268435456.0)  # 2^28: exact, so float32 and float64 give the same bits
+FX_CLAMP = tl.constexpr(256.0)
+INT64_MAX = tl.constexpr(9223372036854775807)
+INT64_MIN = tl.constexpr(-9223372036854775808)
+SCORE_FOCAL = tl.constexpr(0)
+SCORE_RECEIVED = tl.constexpr(1)
+SCORE_CLS = tl.constexpr(2)
+_SCORE_CODES = {"focal": 0, "received": 1, "cls": 2}
+
+# Fused path: token tile next_pow2(units) * next_pow2(W) held in registers.
+_MAX_TILE = 4096
+# Bits of the key decided per selection pass (a 2^RADIX_BITS-bin histogram); the search stops
+# early once exactly `count` units lie at or above the threshold. On H200 at LLaVA size, 8 bits
+# and 4 bits measured alike (~10 us per cls call), 6 bits slower.
+_RADIX_BITS = 8
+# Map reduction tile: BLOCK_Q query rows x BLOCK_K keys, keys innermost for coalesced loads.
+_MAP_BLOCK_Q = 16
+_MAP_BLOCK_K = 128
+# Target program count for the map reduction (a few waves on a 132-SM H100).
+_MAP_PROGRAMS = 1024
+_GATHER_TILE = 4096  # elements of the (rows x BLOCK_D) gather tile per loop step
+# cls: heads loaded per pipelined step, and the cap on heads x tile elements per step.
+_HEAD_BLOCK = 16
+_HEAD_TILE = 16384
+# Chunked selection (_select_kernel): units per chunk, and units x W elements per row-sum tile.
+_SELECT_BLOCK = 1024
+_SELECT_TILE = 4096
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _fx(a):
+    """SPEC.md fixed point: trunc(clamp(nan->0(a), -256, 256) * 2^28) as int64."""
+    if a.dtype == tl.float64:
+        x = a
+    else:
+        x = a.to(tl.float32)
+    x = tl.where(x != x, 0.0, x)
+    x = tl.where(x < -FX_CLAMP, -FX_CLAMP, tl.where(x > FX_CLAMP, FX_CLAMP, x))
+    return (x * FX_SCALE).to(tl.int64)  # the scaling is exact; the cast truncates toward zero
+
+
+@triton.jit
+def _fx_head_sum(ptrs, mask, heads, H, s_ah, HEAD_BLOCK: tl.constexpr):
+    """sum over heads h < H of fx(attn[ptrs + h * s_ah]): ptrs/mask address one head's tile,
+    heads = arange(HEAD_BLOCK) shaped to broadcast against them along a leading axis.
+
+    Software-pipelined by hand: a head block's loads are issued one loop iteration before their
+    conversion. In the same basic block ptxas interleaves loads and conversions, a few loads per
+    ~300 ns L2 round trip, which dominated the latency of the one-launch cls path."""
+    a = tl.load(ptrs + heads * s_ah, mask=mask & (heads < H), other=0.0)
+    acc = tl.zeros(tl.sum(a, axis=0).shape, tl.int64)
+    for h0 in range(HEAD_BLOCK, H + HEAD_BLOCK, HEAD_BLOCK):
+        h = heads + h0
+        nxt = tl.load(ptrs + h * s_ah, mask=mask & (h < H), other=0.0)
+        acc += tl.sum(_fx(a), axis=0)
+        a = nxt
+    return acc
+
+
+@triton.jit
+def _bit_length(x):
+    """Bits needed for the uint64 scalar x (0 for 0): six halving steps, no loop-carried state."""
+    n = 0
+    for i in tl.static_range(6):
+        sh = 32 >> i
+        big = (x >> sh) != 0
+        n += tl.where(big, sh, 0)
+        x = tl.where(big, x >> sh, x)
+    return n + (x != 0).to(tl.int32)
+
+
+@triton.jit
+def _relative(key, valid, lo):
+    """Distance of each key from the minimum lo as uint64 (exact up to 2^64 - 1; SPEC.md's limit
+    bounds |key| by 2^62, so the distance can reach 2^63, one past int64)."""
+    return (tl.where(valid, key, lo) - lo).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _digit_hist(rel, valid, off, shift, RADIX_BITS: tl.constexpr):
+    """Histogram of the digit min((rel - off) >> shift, 2^RADIX_BITS - 1) of the valid units with
+    rel >= off; every other unit lands in bin 0, which the search never reads."""
+    inside = valid & (rel >= off)
+    digit = tl.minimum((rel - off) >> shift, (1 << RADIX_BITS) - 1).to(tl.int32)
+    return tl.histogram(tl.where(inside, digit, 0), 1 << RADIX_BITS)
+
+
+@triton.jit
+def _next_offset(off, hist, count, shift, RADIX_BITS: tl.constexpr):
+    """Appends to off the largest digit d whose threshold off + d * 2^shift still has >= count
+    units at or above it (d = 0 always does: the search keeps that invariant). Also returns
+    whether exactly `count` units are at or above the new off: then they are the selection and
+    the search can stop (bin 0 over-counts, so it never claims that falsely)."""
+    at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # units with digit >= d
+    d = tl.arange(0, 1 << RADIX_BITS)
+    step = tl.sum(((d > 0) & (at_least >= count)).to(tl.int32), axis=0)
+    exact = tl.sum(tl.where(d == step, at_least, 0), axis=0) == count
+    return off + (step.to(tl.uint64) << shift), exact
+
+
+@triton.jit
+def _first_shift(lo, hi, RADIX_BITS: tl.constexpr):
+    """Shift of the most significant digit of the distances (-RADIX_BITS if all keys are equal)."""
+    return (tl.cdiv(_bit_length((hi - lo).to(tl.uint64, bitcast=True)), RADIX_BITS) - 1) * RADIX_BITS
+
+
+@triton.jit
+def _slots(rel, valid, off, ties_wanted, ties_before, kept_before):
+    """Output slot of every unit (-1 if dropped): units above the threshold off, plus the first
+    ties_wanted units at it in index order; kept units numbered in index order. Chunked callers
+    pass the ties and kept units of earlier chunks. Returns (slot, ties here, kept here)."""
+    tie = (valid & (rel == off)).to(tl.int32)
+    tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
+    kept = (valid & (rel > off)) | ((tie != 0) & (tie_rank < ties_wanted))
+    k = kept.to(tl.int32)
+    slot = tl.where(kept, kept_before + tl.cumsum(k, axis=0) - k, -1)
+    return slot, tl.sum(tie, axis=0), tl.sum(k, axis=0)
+
+
+@triton.jit
+def _select_units(key, valid, count, RADIX_BITS: tl.constexpr):
+    """Slots of the `count` best entries of a register vector (key desc, index asc); -1 elsewhere."""
+    lo = tl.min(tl.where(valid, key, INT64_MAX), axis=0)
+    hi = tl.max(tl.where(valid, key, INT64_MIN), axis=0)
+    rel = _relative(key, valid, lo)
+    off = tl.full([], 0, tl.uint64)
+    shift = _first_shift(lo, hi, RADIX_BITS)
+    while shift >= 0:
+        off, exact = _next_offset(off, _digit_hist(rel, valid, off, shift, RADIX_BITS), count, shift, RADIX_BITS)
+        shift = tl.where(exact, -1, shift - RADIX_BITS)
+    above = tl.sum((valid & (rel > off)).to(tl.int32), axis=0)
+    slot, _, _ = _slots(rel, valid, off, count - above, 0, 0)
+    return slot
+
+
+@triton.jit
+def _gather_rows(tokens_ptr, out_ptr, b, k, tok, kmask, keep, D,
+                 s_tb, s_tn, s_td, BLOCK_D: tl.constexpr):
+    """out[b, k, :] = tokens[b, tok, :] for the rows k of one program (k, tok: int64 vectors)."""
+    src = tokens_ptr + b * s_tb + tok[:, None] * s_tn
+    dst = out_ptr + (b * keep + k)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        m = kmask[:, None] & (d[None, :] < D)
+        tl.store(dst + d[None, :], tl.load(src + d[None, :] * s_td, mask=m), mask=m)
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _cls_sig_kernel(attn_ptr, sig_ptr, N, H, P, s_ab, s_ah, s_as, blocks,
+                    HEAD_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """sig[b, j] = sum_h fx(attn[b, h, 0, P + j]); grid (B * blocks,)."""
+    pid = tl.program_id(0)
+    b = (pid // blocks).to(tl.int64)
+    j = (pid % blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = j < N
+    heads = tl.arange(0, HEAD_BLOCK).to(tl.int64)[:, None]
+    acc = _fx_head_sum(attn_ptr + b * s_ab + (P + j)[None, :] * s_as, m[None, :], heads, H, s_ah, HEAD_BLOCK)
+    tl.store(sig_ptr + b * N + j, acc, mask=m)
+
+
+@triton.jit
+def _map_sums_kernel(attn_ptr, col_ptr, row_ptr, N, H, P, s_ab, s_ah, s_aq, s_as,
+                     qblocks, hgroups, heads_per_group,
+                     ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """col[b, j] += sum fx(attn[b, h, P+i, P+j]) over this program's heads and query rows i, and
+    (ROWS) row[b, i] += the same summed over j. Grid (B * hgroups * qblocks,); int64 atomics are
+    exact, so the order in which programs land does not matter."""
+    pid = tl.program_id(0)
+    b = (pid // (hgroups * qblocks)).to(tl.int64)
+    hg = (pid // qblocks % hgroups).to(tl.int64)
+    i = (pid % qblocks).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    imask = i < N
+    h0 = hg * heads_per_group
+    h1 = tl.minimum(h0 + heads_per_group, H)
+    rows = attn_ptr + b * s_ab + (P + i)[:, None] * s_aq
+    row_acc = tl.zeros([BLOCK_Q], tl.int64)
+    for j0 in range(0, N, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        jmask = j < N
+        m = imask[:, None] & jmask[None, :]
+        tile = rows + (P + j)[None, :] * s_as
+        # Elementwise over heads, reduce once per key block: the reductions cross threads.
+        acc = tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
+        for h in range(h0, h1):
+            acc += _fx(tl.load(tile + h * s_ah, mask=m, other=0.0))
+        tl.atomic_add(col_ptr + b * N + j, tl.sum(acc, axis=0), mask=jmask, sem="relaxed")
+        if ROWS:
+            row_acc += tl.sum(acc, axis=1)
+    if ROWS:
+        tl.atomic_add(row_ptr + b * N + i, row_acc, mask=imask, sem="relaxed")
+
+
+@triton.jit
+def _focal_sig_kernel(col_ptr, row_ptr, sig_ptr, N, BLOCK: tl.constexpr):
+    """sig[b] = col[b] if its variance about m = mean(col) is larger, else row[b]; grid (B,)."""
+    b = tl.program_id(0).to(tl.int64)
+    base = b * N
+    total = tl.zeros([BLOCK], tl.float64)
+    for j0 in range(0, N, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        total += tl.load(col_ptr + base + j, mask=j < N, other=0).to(tl.float64)
+    mean = tl.sum(total, axis=0) / N
+    var_col = tl.zeros([BLOCK], tl.float64)
+    var_row = tl.zeros([BLOCK], tl.float64)
+    for j0 in range(0, N, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        m = j < N
+        dc = tl.load(col_ptr + base + j, mask=m, other=0).to(tl.float64) - mean
+        dr = tl.load(row_ptr + base + j, mask=m, other=0).to(tl.float64) - mean
+        var_col += tl.where(m, dc * dc, 0.0)
+        var_row += tl.where(m, dr * dr, 0.0)
+    src = row_ptr
+    if tl.sum(var_col, axis=0) > tl.sum(var_row, axis=0):  # ties go to row
+        src = col_ptr
+    for j0 in range(0, N, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        m = j < N
+        tl.store(sig_ptr + base + j, tl.load(src + base + j, mask=m), mask=m)
+
+
+@triton.jit
+def _prune_fused_kernel(
+    tokens_ptr, attn_ptr, col_ptr, row_ptr, out_ptr, idx_ptr,
+    N, D, H, P, units, W, keep, chunks,
+    s_tb, s_tn, s_td, s_ab, s_ah, s_as,
+    SCORE: tl.constexpr, UNIT_BLOCK: tl.constexpr, W_BLOCK: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+):
+    """Significance tile -> selection -> gather of rows [c * R, (c + 1) * R) of image b.
+
+    Grid (B * chunks,). Tokens are laid out as a (unit, x) tile, token = unit * W + x; every
+    program of an image recomputes the same selection, so no grid-wide synchronisation is needed.
+    cls reads the CLS row of attn; received/focal read the col/row sums of _map_sums_kernel.
+
+    Selection runs over tokens, each with its unit's key (rank: its own significance; row: its
+    grid row's sum). A row's tokens then tie and sit together in index order, so the first `keep`
+    tokens by (key desc, index asc) are exactly the best keep / W rows; flattening the tile keeps
+    index order, and token vectors stay spread over all threads (row vectors of a few dozen
+    entries would be replicated across them).
+    """
+    pid = tl.program_id(0)
+    b = (pid // chunks).to(tl.int64)  # 32-bit division; 64-bit offsets from here on
+    c = pid % chunks
+    u = tl.arange(0, UNIT_BLOCK)
+    x = tl.arange(0, W_BLOCK)
+    tok = (u[:, None] * W + x[None, :]).to(tl.int64)
+    valid = (u[:, None] < units) & (x[None, :] < W)
+
+    if SCORE == SCORE_CLS:
+        heads = tl.arange(0, HEAD_BLOCK).to(tl.int64)[:, None, None]
+        cls_row = attn_ptr + b * s_ab + (P + tok)[None, :, :] * s_as
+        sig = _fx_head_sum(cls_row, valid[None, :, :], heads, H, s_ah, HEAD_BLOCK)
+    else:
+        sig = tl.load(col_ptr + b * N + tok, mask=valid, other=0)
+        if SCORE == SCORE_FOCAL:
+            row = tl.load(row_ptr + b * N + tok, mask=valid, other=0)
+            mean = tl.sum(tl.sum(sig.to(tl.float64), axis=1), axis=0) / N
+            dc = sig.to(tl.float64) - mean
+            dr = row.to(tl.float64) - mean
+            var_col = tl.sum(tl.sum(tl.where(valid, dc * dc, 0.0), axis=1), axis=0)
+            var_row = tl.sum(tl.sum(tl.where(valid, dr * dr, 0.0), axis=1), axis=0)
+            sig = tl.where(var_col > var_row, sig, row)  # ties go to row
+
+    key = tl.broadcast_to(tl.sum(sig, axis=1)[:, None], (UNIT_BLOCK, W_BLOCK))
+    tok = tl.reshape(tok, (UNIT_BLOCK * W_BLOCK,))
+    slot = _select_units(tl.reshape(key, (UNIT_BLOCK * W_BLOCK,)),
+                         tl.reshape(valid, (UNIT_BLOCK * W_BLOCK,)), keep, RADIX_BITS)
+
+    # Invert slot -> token for this program's output rows.
+    k = c * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)  # keep <= N < 2^31
+    kmask = k < keep
+    src = tl.sum(tl.where(slot[None, :] == k[:, None], tok[None, :], 0), axis=1)
+    k = k.to(tl.int64)
+    tl.store(idx_ptr + b * keep + k, src, mask=kmask)
+    _gather_rows(tokens_ptr, out_ptr, b, k, src, kmask, keep, D, s_tb, s_tn, s_td, BLOCK_D)
+
+
+@triton.jit
+def _unit_keys(sig_ptr, s_sn, u, valid, W, X_BLOCK: tl.constexpr):
+    """Key of each unit u: the sum of its W significance values (int64)."""
+    acc = tl.zeros(u.shape, tl.int64)
+    for x0 in range(0, W, X_BLOCK):
+        x = x0 + tl.arange(0, X_BLOCK)
+        m = valid[:, None] & (x[None, :] < W)
+        acc += tl.sum(tl.load(sig_ptr + (u[:, None] * W + x[None, :]) * s_sn, mask=m, other=0), axis=1)
+    return acc
+
+
+@triton.jit
+def _select_kernel(sig_ptr, idx_ptr, s_sb, s_sn, units, W, count, keep,
+                   UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """idx[b] for any N: the selection of _select_units, looping over chunks of units held in
+    global memory (sig with any strides). Grid (B,)."""
+    b = tl.program_id(0).to(tl.int64)
+    sig = sig_ptr + b * s_sb
+    lo = tl.full([], INT64_MAX, tl.int64)
+    hi = tl.full([], INT64_MIN, tl.int64)
+    for u0 in range(0, units, UNIT_BLOCK):
+        u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
+        valid = u < units
+        key = _unit_keys(sig, s_sn, u, valid, W, X_BLOCK)
+        lo = tl.minimum(lo, tl.min(tl.where(valid, key, INT64_MAX), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(valid, key, INT64_MIN), axis=0))
+
+    off = tl.full([], 0, tl.uint64)
+    shift = _first_shift(lo, hi, RADIX_BITS)
+    while shift >= 0:
+        hist = tl.zeros([1 << RADIX_BITS], tl.int32)
+        for u0 in range(0, units, UNIT_BLOCK):
+            u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
+            valid = u < units
+            rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+            hist += _digit_hist(rel, valid, off, shift, RADIX_BITS)
+        off, exact = _next_offset(off, hist, count, shift, RADIX_BITS)
+        shift = tl.where(exact, -1, shift - RADIX_BITS)
+
+    above = 0
+    for u0 in range(0, units, UNIT_BLOCK):
+        u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
+        valid = u < units
+        rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+        above += tl.sum((valid & (rel > off)).to(tl.int32), axis=0)
+
+    ties_before = 0
+    kept_before = 0
+    for u0 in range(0, units, UNIT_BLOCK):
+        u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
+        valid = u < units
+        rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+        slot, ties, kept = _slots(rel, valid, off, count - above, ties_before, kept_before)
+        for x0 in range(0, W, X_BLOCK):
+            x = x0 + tl.arange(0, X_BLOCK)
+            m = (slot >= 0)[:, None] & (x[None, :] < W)
+            dst = idx_ptr + b * keep + slot.to(tl.int64)[:, None] * W + x[None, :]
+            tl.store(dst, u[:, None] * W + x[None, :], mask=m)
+        ties_before += ties
+        kept_before += kept
+
+
+@triton.jit
+def _gather_kernel(tokens_ptr, idx_ptr, out_ptr, keep, D, s_tb, s_tn, s_td, chunks,
+                   ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """pruned[b, k] = tokens[b, idx[b, k]]; grid (B * chunks,)."""
+    pid = tl.program_id(0)
+    b = (pid // chunks).to(tl.int64)
+    k = (pid % chunks).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    kmask = k < keep
+    tok = tl.load(idx_ptr + b * keep + k, mask=kmask, other=0)
+    _gather_rows(tokens_ptr, out_ptr, b, k, tok, kmask, keep, D, s_tb, s_tn, s_td, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current device: make it the tensors' device (compiled graphs
+    guard devices themselves)."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _fused_warps(tile: int) -> int:
+    """Warps of a fused program. Its selection is issue-bound: at LLaVA size (1024-token tile,
+    one program per SM) 8 warps took 9.0 us and 4 warps 10.0 us on H200; 16 were slower."""
+    return 4 if tile < 1024 else 8
+
+
+def _units(n: int, strategy: str, cols: int) -> tuple[int, int]:
+    """(units, W): rank selects single tokens, row selects whole grid rows of W = cols tokens."""
+    return (n // cols, cols) if strategy == "row" else (n, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rows_per_program(batch: int, keep: int, device: torch.device) -> int:
+    """Output rows per gather program. On a GPU: at most one program per SM, since every program
+    of the fused kernel recomputes the selection, an issue-bound job that slows down when two
+    programs share an SM. Under the interpreter (CPU tensors) programs run one after another:
+    few, large ones."""
+    if device.type != "cuda":
+        return min(_pow2(keep), 256)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return min(_pow2(triton.cdiv(batch * keep, sms)), 64)
+
+
+def _block_d(d: int, rows: int) -> int:
+    return min(_pow2(d), max(16, _GATHER_TILE // rows))
+
+
+def _map_config(batch: int, heads: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    """(query rows, keys, heads) per _map_sums_kernel program."""
+    if device.type != "cuda":  # the interpreter runs programs one after another: few, large tiles
+        return 64, min(1024, _pow2(n)), max(heads, 1)
+    qblocks = triton.cdiv(n, _MAP_BLOCK_Q)
+    # Group heads per program (fewer atomics) only while there are programs to spare.
+    per_group = max(1, min(heads, batch * qblocks * heads // _MAP_PROGRAMS))
+    return _MAP_BLOCK_Q, min(_MAP_BLOCK_K, _pow2(n)), per_group
+
+
+def _map_sums(attn: torch.Tensor, num_prefix: int, rows: bool) -> torch.Tensor:
+    """(2 if rows else 1, B, N) int64: col sums [0] and row sums [1] of the patch map."""
+    b, h, _, s = attn.shape
+    n = s - num_prefix
+    sums = torch.zeros(2 if rows else 1, b, n, dtype=torch.int64, device=attn.device)
+    block_q, block_k, per_group = _map_config(b, h, n, attn.device)
+    qblocks = triton.cdiv(n, block_q)
+    hgroups = triton.cdiv(h, per_group)
+    grid = b * hgroups * qblocks
+    if grid:
+        _map_sums_kernel[(grid,)](
+            attn, sums[0], sums[-1], n, h, num_prefix, *attn.stride(),
+            qblocks, hgroups, per_group, ROWS=rows, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4,
+        )
+    return sums
+
+
+def significance(attn: torch.Tensor, score: str, num_prefix: int) -> torch.Tensor:
+    """Token significance, SPEC.md: attn (B, H, Q, S) -> sig (B, N = S - num_prefix) int64."""
+    b, h, _, s = attn.shape
+    n = s - num_prefix
+    sig = torch.empty(b, n, dtype=torch.int64, device=attn.device)
+    if b == 0:
+        return sig
+    with _device_of(attn):
+        if score == "cls":
+            block = min(_pow2(n), 256)
+            blocks = triton.cdiv(n, block)
+            _cls_sig_kernel[(b * blocks,)](
+                attn, sig, n, h, num_prefix, attn.stride(0), attn.stride(1), attn.stride(3),
+                blocks, HEAD_BLOCK=min(_pow2(h), _HEAD_BLOCK), BLOCK=block,
+            )
+            return sig
+        sums = _map_sums(attn, num_prefix, rows=score == "focal")
+        if score == "received":
+            return sums[0]
+        _focal_sig_kernel[(b,)](sums[0], sums[1], sig, n, BLOCK=min(_pow2(n), 1024))
+    return sig
+
+
+def _launch_select(sig: torch.Tensor, idx: torch.Tensor, keep: int, strategy: str, cols: int) -> None:
+    units, w = _units(sig.shape[1], strategy, cols)
+    unit_block = min(_pow2(units), _SELECT_BLOCK)
+    _select_kernel[(sig.shape[0],)](
+        sig, idx, sig.stride(0), sig.stride(1), units, w, keep // w, keep,
+        UNIT_BLOCK=unit_block, X_BLOCK=min(_pow2(w), max(1, _SELECT_TILE // unit_block)),
+        RADIX_BITS=_RADIX_BITS,
+    )
+
+
+def select(sig: torch.Tensor, keep: int, strategy: str, rows: int, cols: int) -> torch.Tensor:
+    """Kept token indices, SPEC.md: sig (B, N) int64 (any strides) -> idx (B, keep) int64,
+    strictly increasing in each row."""
+    idx = torch.empty(sig.shape[0], keep, dtype=torch.int64, device=sig.device)
+    if sig.shape[0] and keep:
+        with _device_of(sig):
+            _launch_select(sig, idx, keep, strategy, cols)
+    return idx
+
+
+def prune_tokens(
+    tokens: torch.Tensor, attn: torch.Tensor, keep: int, strategy: str, score: str,
+    num_prefix: int, rows: int, cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, N, D), attn (B, H, Q, num_prefix + N) -> pruned (B, keep, D), idx (B, keep)."""
+    b, n, d = tokens.shape
+    out = torch.empty(b, keep, d, dtype=tokens.dtype, device=tokens.device)
+    idx = torch.empty(b, keep, dtype=torch.int64, device=tokens.device)
+    if b == 0 or keep == 0:
+        return out, idx
+    units, w = _units(n, strategy, cols)
+    per_prog = _rows_per_program(b, keep, tokens.device)
+    chunks = triton.cdiv(keep, per_prog)
+    block_d = _block_d(d, per_prog)
+    with _device_of(tokens):
+        unit_block, w_block = _pow2(units), _pow2(w)
+        tile = unit_block * w_block
+        if tile > _MAX_TILE:
+            sig = significance(attn, score, num_prefix)
+            _launch_select(sig, idx, keep, strategy, cols)
+            _gather_kernel[(b * chunks,)](
+                tokens, idx, out, keep, d, *tokens.stride(), chunks,
+                ROWS_PER_PROGRAM=per_prog, BLOCK_D=block_d,
+            )
+            return out, idx
+        h = attn.shape[1]
+        if score == "cls":
+            col = row = attn  # unused
+        else:
+            sums = _map_sums(attn, num_prefix, rows=score == "focal")
+            col, row = sums[0], sums[-1]
+        head_block = min(_pow2(h), _HEAD_BLOCK, max(1, _HEAD_TILE // tile))
+        _prune_fused_kernel[(b * chunks,)](
+            tokens, attn, col, row, out, idx,
+            n, d, h, num_prefix, units, w, keep, chunks,
+            *tokens.stride(), attn.stride(0), attn.stride(1), attn.stride(3),
+            SCORE=_SCORE_CODES[score], UNIT_BLOCK=unit_block, W_BLOCK=w_block,
+            HEAD_BLOCK=head_block, ROWS_PER_PROGRAM=per_prog, BLOCK_D=block_d, RADIX_BITS=_RADIX_BITS,
+            num_warps=_fused_warps(tile),
+        )
+    return out, idx

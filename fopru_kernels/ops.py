@@ -79,27 +79,29 @@ def _has_triton() -> bool:
     return True
 
 
+def _triton_significance(attn, score="focal", num_prefix=1):
+    _checks.check_significance(attn, score, num_prefix)
+    return _triton_module().significance(attn, score, num_prefix)
+
+
+def _triton_select(sig, keep, strategy="rank", grid=None):
+    rows, cols = _checks.check_select(sig, keep, strategy, grid)
+    return _triton_module().select(sig, keep, strategy, rows, cols)
+
+
+def _triton_prune_tokens(tokens, attn, keep, strategy="rank", score="focal", num_prefix=1, grid=None):
+    rows, cols = _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
+    return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
+
+
 # The C++ CUDA kernels are the production path; where the library was built without them,
 # CUDA tensors go to the Triton kernels (imported on first use, not at import time).
 if not HAS_CUDA_KERNELS and _has_triton():
     _cuda = torch.library.Library("fopru", "IMPL")
     _libs.append(_cuda)
-
-    def _sig_triton(attn, score="focal", num_prefix=1):
-        _checks.check_significance(attn, score, num_prefix)
-        return _triton_module().significance(attn, score, num_prefix)
-
-    def _select_triton(sig, keep, strategy="rank", grid=None):
-        rows, cols = _checks.check_select(sig, keep, strategy, grid)
-        return _triton_module().select(sig, keep, strategy, rows, cols)
-
-    def _prune_triton(tokens, attn, keep, strategy="rank", score="focal", num_prefix=1, grid=None):
-        rows, cols = _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
-        return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
-
-    _cuda.impl("significance", _sig_triton, "CUDA")
-    _cuda.impl("select", _select_triton, "CUDA")
-    _cuda.impl("prune_tokens", _prune_triton, "CUDA")
+    _cuda.impl("significance", _triton_significance, "CUDA")
+    _cuda.impl("select", _triton_select, "CUDA")
+    _cuda.impl("prune_tokens", _triton_prune_tokens, "CUDA")
 
 
 # Fake kernels: output sizes depend only on shapes and keep, so torch.compile(fullgraph=True)
@@ -173,8 +175,7 @@ def significance(
     if backend == "reference":
         return reference.significance(attn, score, num_prefix)
     if backend == "triton":
-        _checks.check_significance(attn, score, num_prefix)
-        return _triton_module().significance(attn, score, num_prefix)
+        return _triton_significance(attn, score, num_prefix)
     return _OP_SIG(attn, score, num_prefix)
 
 
@@ -195,8 +196,7 @@ def select(
     if backend == "reference":
         return reference.select(sig, keep, strategy, grid)
     if backend == "triton":
-        rows, cols = _checks.check_select(sig, keep, strategy, grid)
-        return _triton_module().select(sig, keep, strategy, rows, cols)
+        return _triton_select(sig, keep, strategy, grid)
     return _OP_SELECT(sig, keep, strategy, grid)
 
 
@@ -225,6 +225,5 @@ def prune_tokens(
     if backend == "reference":
         return reference.prune_tokens(tokens, attn, keep, strategy, score, num_prefix, grid)
     if backend == "triton":
-        rows, cols = _checks.check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
-        return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
+        return _triton_prune_tokens(tokens, attn, keep, strategy, score, num_prefix, grid)
     return _OP_PRUNE(tokens, attn, keep, strategy, score, num_prefix, grid)

@@ -28,15 +28,17 @@ demo: build
 pytest: build
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
-# The same sources against LibTorch via CMake, with the C++ test under ctest. CPU kernels only:
-# the CUDA kernels are compiled by setup.py above (-DFOPRU_CUDA=ON builds them here too).
+# The same sources against LibTorch via CMake, with the C++ test under ctest; the CUDA kernels are
+# compiled too where nvcc is found (no GPU needed).
+FOPRU_CMAKE_CUDA ?= $(if $(shell command -v nvcc),ON,OFF)
 cmake-test: $(VENV)/.installed
 	TORCH_CUDA_ARCH_LIST="8.0;9.0" cmake -S . -B cmake-build \
 		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
 		-DCUDA_TOOLKIT_ROOT_DIR=/usr/local/cuda -DCUDAToolkit_ROOT=/usr/local/cuda \
 		-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
 		-DCUDA_nvrtc_LIBRARY="$$(ls $(VENV)/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.* | head -1)" \
-		-DFOPRU_NVIDIA_INCLUDE="$$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu13/include | head -1)"
+		-DFOPRU_NVIDIA_INCLUDE="$$(realpath $$(ls -d $(VENV)/lib/python3*/site-packages/nvidia/cu13/include | head -1))" \
+		-DFOPRU_CUDA=$(FOPRU_CMAKE_CUDA)
 	cmake --build cmake-build -j$(MAX_JOBS)
 	ctest --test-dir cmake-build --output-on-failure
 

@@ -105,9 +105,11 @@ step build 240 "FOPRU_BUILD_CUDA=1 FOPRU_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py 
 $PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda kernels:\", F.HAS_CUDA_KERNELS, \"backends:\", F.available_backends(\"cuda\")); assert F.HAS_CUDA_KERNELS, \"built without the CUDA kernels\"'"
 
 # (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease)
-TIMEOUT_OPT=""
-$PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
-step tests 210 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py -q -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $TIMEOUT_OPT --junitxml='$OUTDIR/junit.xml'"
+PYTEST_OPTS=""
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
+# Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
+$PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
+step tests 210 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py -q -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 
 # (d) benchmark report: report.md, report.json, latency.png
 step bench 180 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"

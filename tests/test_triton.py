@@ -7,6 +7,9 @@ grid, LLaVA shapes, CUDA graph capture and replay, torch.compile. Nothing here t
 import or collection time.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +228,25 @@ def test_torch_compile(gpu, score):
         pruned, idx = torch.compile(fn, fullgraph=True)(tokens, attn)
         assert torch.equal(idx.cpu(), ref_idx)
         assert torch.equal(pruned.cpu(), ref_pruned)
+
+
+@pytest.mark.cuda
+def test_op_runs_triton_where_library_lacks_cuda_kernels(gpu):
+    """Without the compiled CUDA kernels, torch.ops.fopru.* on CUDA tensors must reach Triton.
+    Checked in a fresh process with the library disabled, since this one has it loaded."""
+    code = (
+        "import torch, fopru_kernels as F\n"
+        "assert not F.HAS_CUDA_KERNELS\n"
+        "a = torch.rand(2, 4, 577, 577, device='cuda').softmax(-1); t = torch.randn(2, 576, 64, device='cuda').half()\n"
+        "p, i = torch.ops.fopru.prune_tokens(t, a, 144, 'row', 'focal', 1, None)\n"
+        "rp, ri = F.reference.prune_tokens(t.cpu(), a.cpu(), 144, 'row', 'focal')\n"
+        "assert torch.equal(i.cpu(), ri) and torch.equal(p.cpu(), rp)\n"
+        "s = torch.ops.fopru.significance(a[:, :, :1], 'cls', 1)\n"
+        "assert torch.equal(s.cpu(), F.reference.significance(a[:, :, :1].cpu(), 'cls', 1))\n"
+        "print('triton registration ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FOPRU_DISABLE_LIBRARY="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "triton registration ok" in out.stdout

@@ -165,6 +165,17 @@ __device__ ull block_exclusive_scan(ull v, ull& total, SelectShared& sh) {
   return incl - v + (warp > 0 ? sh.warp_prefix[warp - 1] : 0ull);
 }
 
+// Min and max over the warp (butterfly: every lane ends with both). Whole warps only.
+__device__ __forceinline__ void warp_min_max(uint64_t& mn, uint64_t& mx) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const uint64_t a = __shfl_xor_sync(kFullMask, static_cast<ull>(mn), o);
+    const uint64_t b = __shfl_xor_sync(kFullMask, static_cast<ull>(mx), o);
+    mn = a < mn ? a : mn;
+    mx = b > mx ? b : mx;
+  }
+}
+
 // Smallest and largest key of the m >= 1 items.
 __device__ void block_key_range(Items items, int64_t m, uint64_t& lo, uint64_t& hi, SelectShared& sh) {
   uint64_t mn = ~0ull, mx = 0;
@@ -173,13 +184,7 @@ __device__ void block_key_range(Items items, int64_t m, uint64_t& lo, uint64_t& 
     mn = key < mn ? key : mn;
     mx = key > mx ? key : mx;
   }
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) {
-    const uint64_t a = __shfl_xor_sync(kFullMask, static_cast<ull>(mn), o);
-    const uint64_t b = __shfl_xor_sync(kFullMask, static_cast<ull>(mx), o);
-    mn = a < mn ? a : mn;
-    mx = b > mx ? b : mx;
-  }
+  warp_min_max(mn, mx);
   if (lane_id() == 0) {
     sh.warp_lo[warp_id()] = mn;
     sh.warp_hi[warp_id()] = mx;
@@ -188,13 +193,7 @@ __device__ void block_key_range(Items items, int64_t m, uint64_t& lo, uint64_t& 
   if (warp_id() == 0) {
     mn = lane_id() < num_warps() ? sh.warp_lo[lane_id()] : ~0ull;
     mx = lane_id() < num_warps() ? sh.warp_hi[lane_id()] : 0ull;
-#pragma unroll
-    for (int o = kWarp / 2; o > 0; o >>= 1) {
-      const uint64_t a = __shfl_xor_sync(kFullMask, static_cast<ull>(mn), o);
-      const uint64_t b = __shfl_xor_sync(kFullMask, static_cast<ull>(mx), o);
-      mn = a < mn ? a : mn;
-      mx = b > mx ? b : mx;
-    }
+    warp_min_max(mn, mx);
     if (lane_id() == 0) {
       sh.lo = mn;
       sh.hi = mx;

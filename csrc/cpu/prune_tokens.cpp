@@ -18,16 +18,15 @@
 namespace fopru {
 namespace {
 
-// One query row of the map: col[j] += fx(r[j]), returns the row's own sum. The hot loop of
-// received/focal; multiversioned so AVX-512DQ machines convert float -> int64 eight lanes at a time
-// (x86-64-v3 has no packed float->int64 conversion), while the default build still runs everywhere.
+// float64 rows are multiversioned so AVX-512DQ machines convert double -> int64 eight lanes at a
+// time (x86-64-v3 has no packed conversion to int64); the default clone runs everywhere.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FOPRU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 #else
 #define FOPRU_CLONES
 #endif
 
-FOPRU_CLONES int64_t fx_row_f32(const float* __restrict r, int64_t n, int64_t* __restrict col) {
+int64_t fx_row_f32_portable(const float* __restrict r, int64_t n, int64_t* __restrict col) {
   int64_t total = 0;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t v = fx(r[j]);
@@ -35,6 +34,39 @@ FOPRU_CLONES int64_t fx_row_f32(const float* __restrict r, int64_t n, int64_t* _
     total += v;
   }
   return total;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same loop in AVX-512 intrinsics, 16 values a step: 1.5x the auto-vectorised clone, which
+// spends its time on mask-register juggling for the clamp (measured on Zen 4, 11 -> 17 GB/s per
+// core). NaN -> 0 first, since vmaxps would turn a NaN into the clamp bound.
+__attribute__((target("avx512f,avx512dq"))) int64_t fx_row_f32_avx512(const float* r, int64_t n, int64_t* col) {
+  const __m512 lo = _mm512_set1_ps(-kFxClampF), hi = _mm512_set1_ps(kFxClampF), scale = _mm512_set1_ps(kFxScaleF);
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 16) {
+    const int64_t left = n - j;
+    const auto m = static_cast<__mmask16>(left >= 16 ? 0xFFFFu : (1u << left) - 1);
+    __m512 a = _mm512_maskz_loadu_ps(m, r + j);
+    a = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, a, _CMP_ORD_Q), a);
+    a = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(a, lo), hi), scale);
+    const __m512i v0 = _mm512_cvttps_epi64(_mm512_castps512_ps256(a));
+    const __m512i v1 = _mm512_cvttps_epi64(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const auto m0 = static_cast<__mmask8>(m), m1 = static_cast<__mmask8>(m >> 8);
+    _mm512_mask_storeu_epi64(col + j, m0, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m0, col + j), v0));
+    _mm512_mask_storeu_epi64(col + j + 8, m1, _mm512_add_epi64(_mm512_maskz_loadu_epi64(m1, col + j + 8), v1));
+    total = _mm512_add_epi64(total, _mm512_add_epi64(v0, v1));
+  }
+  return _mm512_reduce_add_epi64(total);
+}
+const bool kHasAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#endif
+
+// One query row of the map: col[j] += fx(r[j]), returns the row's own sum. The hot loop.
+int64_t fx_row_f32(const float* r, int64_t n, int64_t* col) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx512) return fx_row_f32_avx512(r, n, col);
+#endif
+  return fx_row_f32_portable(r, n, col);
 }
 
 FOPRU_CLONES int64_t fx_row_f64(const double* __restrict r, int64_t n, int64_t* __restrict col) {

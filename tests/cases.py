@@ -25,7 +25,7 @@ class Case:
     grid: tuple[int, int] | None = None
     attn_dtype: torch.dtype = torch.float32
     tok_dtype: torch.dtype = torch.float16
-    layout: str = "contiguous"  # contiguous | strided | expanded
+    layout: str = "contiguous"  # contiguous | strided | expanded | padded
     values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge)
     seed: int = 0
 
@@ -68,7 +68,7 @@ def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(c.values)
 
 
-def _lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values, different strides: the kernels must not assume contiguity."""
     if layout == "contiguous":
         return t.contiguous()
@@ -78,6 +78,11 @@ def _lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
         return big[..., ::2]
     if layout == "expanded":  # batch dim of stride 0 (one image repeated)
         return t[:1].expand(t.shape)
+    if layout == "padded":  # rows padded to 16 elements: aligned rows, a partial vector at the end
+        s = t.shape[-1]
+        big = torch.zeros(*t.shape[:-1], (s + 15) // 16 * 16, dtype=t.dtype, device=t.device)
+        big[..., :s] = t
+        return big[..., :s]
     raise ValueError(layout)
 
 
@@ -89,7 +94,7 @@ def make_inputs(c: Case, device: str | torch.device = "cpu") -> tuple[torch.Tens
     attn = _attn_values(c, q, s, gen).to(c.attn_dtype)
     tokens = torch.randn(c.B, c.N, c.D, generator=gen).to(c.tok_dtype)
     # Lay out on the target device: Tensor.to() would make strided/expanded inputs contiguous.
-    return _lay_out(tokens.to(device), c.layout), _lay_out(attn.to(device), c.layout)
+    return lay_out(tokens.to(device), c.layout), lay_out(attn.to(device), c.layout)
 
 
 def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> list[Case]:

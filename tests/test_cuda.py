@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fopru_kernels as F
-from cases import ATTN_DTYPES, Case, grid_cases, make_inputs
+from cases import ATTN_DTYPES, Case, grid_cases, lay_out, make_inputs
 from fopru_kernels import reference
 
 pytestmark = pytest.mark.cuda
@@ -28,24 +28,6 @@ def _needs_cuda_kernels():
         pytest.skip("fopru_kernels._C has no CUDA kernels (library absent or built without CUDA)")
 
 
-def to_device(t: torch.Tensor, layout: str, device) -> torch.Tensor:
-    """t's values on `device` with the layout make_inputs gave them (Tensor.to would densify them)."""
-    d = t.contiguous().to(device)
-    if layout == "strided":
-        big = torch.empty(*d.shape[:-1], 2 * d.shape[-1], dtype=d.dtype, device=device)
-        big[..., ::2] = d
-        return big[..., ::2]
-    if layout == "expanded":
-        return d[:1].expand(d.shape)
-    if layout == "padded":  # rows padded to 16 elements: aligned rows, a partial vector at the end
-        s = d.shape[-1]
-        big = torch.zeros(*d.shape[:-1], (s + 15) // 16 * 16, dtype=d.dtype, device=device)
-        big[..., :s] = d
-        return big[..., :s]
-    assert layout == "contiguous", layout
-    return d
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bits on the CPU: 'bit for bit' means -0.0 != 0.0 and NaN == NaN here."""
     t = t.detach().cpu().contiguous()
@@ -58,9 +40,9 @@ def grid_arg(c: Case):
 
 def check_case(c: Case, device="cuda", attn_layout: str | None = None) -> None:
     """All three ops on `device` against the reference on the CPU copies of the same inputs."""
-    tokens, attn = make_inputs(c)
-    dt = to_device(tokens, c.layout, device)
-    da = to_device(attn, attn_layout or c.layout, device)
+    tokens, attn = make_inputs(c)  # CPU copies for the reference; the device gets the same layouts
+    dt = lay_out(tokens.contiguous().to(device), c.layout)
+    da = lay_out(attn.contiguous().to(device), attn_layout or c.layout)
     # prune_tokens is select(significance) + gather (SPEC.md): one pass of the reference over the map
     want_sig = reference.significance(attn, c.score, c.P)
     want_idx = reference.select(want_sig, c.keep, c.strategy, c.grid)

@@ -60,7 +60,7 @@ def _want_cuda() -> bool:
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/prune_tokens.cpp"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     # -fopenmp: at::parallel_for is inlined here and runs serially unless OpenMP is on (libgomp is
     # the runtime torch itself loads).
     cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
@@ -75,7 +75,7 @@ def _extensions():
     return [
         CUDAExtension(
             "fopru_kernels._C",
-            sources + ["csrc/cuda/prune_tokens.cu"],
+            sources + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)),
             include_dirs=[CSRC] + _nvidia_include_dirs(),
             extra_compile_args={"cxx": cxx + ["-DFOPRU_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=link,

@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <array>
+#include <charconv>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -39,6 +41,39 @@ std::string dtype_name(at::ScalarType t) {
 }
 
 std::string device_name(const at::Device& d) { return d.str(); }
+
+// Python's repr of a tuple of ints ("(2, 3)", "(5,)") or a list ("[1, 2]").
+std::string py_seq(at::IntArrayRef v, bool tuple) {
+  std::ostringstream os;
+  os << (tuple ? "(" : "[");
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  os << (tuple && v.size() == 1 ? "," : "") << (tuple ? ")" : "]");
+  return os.str();
+}
+
+// Python's repr of a float: shortest round trip, "2.0" not "2", "inf", "nan".
+std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof(buf), x);
+  std::string out(buf, r.ptr);
+  if (out.find_first_of(".e") == std::string::npos) out += ".0";
+  return out;
+}
+
+Score parse_score(std::string_view score) {
+  if (score == "focal") return Score::kFocal;
+  if (score == "received") return Score::kReceived;
+  if (score == "cls") return Score::kCls;
+  fail("score must be 'focal', 'received' or 'cls', got '", score, "'");
+}
+
+Strategy parse_strategy(std::string_view strategy) {
+  if (strategy == "rank") return Strategy::kRank;
+  if (strategy == "row") return Strategy::kRow;
+  fail("strategy must be 'rank' or 'row', got '", strategy, "'");
+}
 
 std::pair<int64_t, int64_t> resolve_grid(int64_t n, at::OptionalIntArrayRef grid, bool required) {
   if (!grid.has_value()) {
@@ -77,14 +112,7 @@ void check_size(int64_t h, int64_t s, int64_t p, Score score, int64_t width) {
 
 SelectArgs check_keep(int64_t b, int64_t n, int64_t keep, std::string_view strategy,
                       at::OptionalIntArrayRef grid) {
-  Strategy st;
-  if (strategy == "rank") {
-    st = Strategy::kRank;
-  } else if (strategy == "row") {
-    st = Strategy::kRow;
-  } else {
-    fail("strategy must be 'rank' or 'row', got '", strategy, "'");
-  }
+  const Strategy st = parse_strategy(strategy);
   if (keep < 0 || keep > n) fail("keep must be in [0, N] = [0, ", n, "], got ", keep);
   auto [rows, cols] = resolve_grid(n, grid, st == Strategy::kRow);
   if (st == Strategy::kRow && keep % cols != 0) {
@@ -95,6 +123,21 @@ SelectArgs check_keep(int64_t b, int64_t n, int64_t keep, std::string_view strat
   return SelectArgs{b, n, keep, rows, cols, st};
 }
 
+void check_tokens(const at::Tensor& tokens, int64_t dims, const char* shape) {
+  if (tokens.dim() != dims) fail("tokens must be ", dims, "-D ", shape, ", got ", tokens.dim(), "-D");
+  const auto t = tokens.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
+    fail("tokens must be float16, bfloat16 or float32, got ", dtype_name(t));
+  }
+}
+
+void check_qk_size(int64_t h, int64_t width) {
+  if (static_cast<double>(h) * width > static_cast<double>(kMaxTerms) || h * width > kMaxTerms) {
+    fail("q has too many heads for exact int64 sums: H * W' = ", h, " * ", width, " = ", h * width,
+         " exceeds 2^26");
+  }
+}
+
 }  // namespace
 
 SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64_t num_prefix) {
@@ -103,16 +146,7 @@ SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64
   if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat && t != at::kDouble) {
     fail("attn must be float16, bfloat16, float32 or float64, got ", dtype_name(t));
   }
-  Score sc;
-  if (score == "focal") {
-    sc = Score::kFocal;
-  } else if (score == "received") {
-    sc = Score::kReceived;
-  } else if (score == "cls") {
-    sc = Score::kCls;
-  } else {
-    fail("score must be 'focal', 'received' or 'cls', got '", score, "'");
-  }
+  const Score sc = parse_score(score);
   const int64_t b = attn.size(0), h = attn.size(1), q = attn.size(2), s = attn.size(3);
   if (num_prefix < 0 || num_prefix >= s) {
     fail("num_prefix must be in [0, S) = [0, ", s, ") with S = attn.shape[3], got ", num_prefix);
@@ -137,11 +171,7 @@ SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view st
 PruneArgs check_prune(const at::Tensor& tokens, const at::Tensor& attn, int64_t keep,
                       std::string_view strategy, std::string_view score, int64_t num_prefix,
                       at::OptionalIntArrayRef grid) {
-  if (tokens.dim() != 3) fail("tokens must be 3-D (B, N, D), got ", tokens.dim(), "-D");
-  const auto t = tokens.scalar_type();
-  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
-    fail("tokens must be float16, bfloat16 or float32, got ", dtype_name(t));
-  }
+  check_tokens(tokens, 3, "(B, N, D)");
   SigArgs sa = check_significance(attn, score, num_prefix);
   const int64_t b = tokens.size(0), n = tokens.size(1);
   if (attn.device() != tokens.device()) {
@@ -158,6 +188,169 @@ PruneArgs check_prune(const at::Tensor& tokens, const at::Tensor& attn, int64_t 
   return PruneArgs{sa, se, tokens.size(2)};
 }
 
+QkArgs check_significance_qk(const at::Tensor& q, const at::Tensor& k, std::string_view score,
+                             int64_t num_prefix, std::optional<double> scale,
+                             const std::optional<at::Tensor>& lse, std::string_view kind,
+                             std::string_view layout) {
+  if (layout != "bhsd" && layout != "bshd") fail("layout must be 'bhsd' or 'bshd', got '", layout, "'");
+  const bool bshd = layout == "bshd";
+  const char* dims = bshd ? "(B, S, H, d)" : "(B, H, S, d)";
+  if (q.dim() != 4) fail("q must be 4-D ", dims, ", got ", q.dim(), "-D");
+  const auto t = q.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
+    fail("q must be float16, bfloat16 or float32, got ", dtype_name(t));
+  }
+  if (k.sizes() != q.sizes()) fail("k must have q's shape ", py_seq(q.sizes(), true), ", got ", py_seq(k.sizes(), true));
+  if (k.scalar_type() != t) fail("k must have q's dtype ", dtype_name(t), ", got ", dtype_name(k.scalar_type()));
+  if (k.device() != q.device()) {
+    fail("k must be on q's device (", device_name(q.device()), "), got ", device_name(k.device()));
+  }
+  const Score sc = parse_score(score);
+  if (kind != "prob" && kind != "logit") fail("kind must be 'prob' or 'logit', got '", kind, "'");
+  const int hd = bshd ? 2 : 1, sd = bshd ? 1 : 2;
+  const int64_t b = q.size(0), h = q.size(hd), s = q.size(sd), d = q.size(3);
+  if (d < 1) fail("q's head dim d must be >= 1, got 0");
+  if (num_prefix < 0 || num_prefix >= s) {
+    fail("num_prefix must be in [0, S) = [0, ", s, ") with S = ", s, " tokens in q, got ", num_prefix);
+  }
+  if (sc == Score::kCls && num_prefix < 1) fail("score='cls' needs num_prefix >= 1 (the CLS token), got 0");
+  if (scale.has_value() && (!std::isfinite(*scale) || *scale == 0.0)) {
+    fail("scale must be a finite nonzero float or None, got ", py_float(*scale));
+  }
+  if (lse.has_value()) {
+    if (kind != "prob") fail("lse is only used with kind='prob'; pass lse=None for kind='logit'");
+    const at::Tensor& l = *lse;
+    const std::array<int64_t, 3> want{b, h, s};
+    if (l.scalar_type() != at::kFloat || l.sizes() != at::IntArrayRef(want)) {
+      fail("lse must be a float32 tensor of shape (B, H, S) = ", py_seq(want, true), ", got ",
+           dtype_name(l.scalar_type()), " ", py_seq(l.sizes(), true));
+    }
+    if (l.device() != q.device()) {
+      fail("lse must be on q's device (", device_name(q.device()), "), got ", device_name(l.device()));
+    }
+  }
+  check_qk_size(h, 1);
+  QkArgs a{};
+  a.B = b;
+  a.H = h;
+  a.S = s;
+  a.d = d;
+  a.P = num_prefix;
+  a.N = s - num_prefix;
+  a.score = sc;
+  a.prob = kind == "prob";
+  a.has_lse = lse.has_value();
+  a.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(hd);
+  a.q_ss = q.stride(sd);
+  a.q_sd = q.stride(3);
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(hd);
+  a.k_ss = k.stride(sd);
+  a.k_sd = k.stride(3);
+  return a;
+}
+
+PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const at::Tensor& k,
+                           int64_t keep, std::string_view strategy, std::string_view score,
+                           int64_t num_prefix, at::OptionalIntArrayRef grid,
+                           std::optional<double> scale, const std::optional<at::Tensor>& lse,
+                           std::string_view kind, std::string_view layout) {
+  check_tokens(tokens, 3, "(B, N, D)");
+  QkArgs qa = check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout);
+  const int64_t b = tokens.size(0), n = tokens.size(1);
+  if (q.device() != tokens.device()) {
+    fail("q must be on the same device as tokens (", device_name(tokens.device()), "), got ", device_name(q.device()));
+  }
+  if (qa.B != b) fail("q's batch size B must equal tokens.shape[0] = ", b, ", got ", qa.B);
+  if (qa.N != n) {
+    fail("q's token count S - num_prefix must equal tokens.shape[1] (N) = ", n, ", got ", qa.S, " - ", num_prefix,
+         " = ", qa.N);
+  }
+  SelectArgs se = check_keep(b, n, keep, strategy, grid);
+  check_qk_size(qa.H, se.strategy == Strategy::kRow ? se.cols : 1);
+  return PruneQkArgs{qa, se, tokens.size(2)};
+}
+
+VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens,
+                              at::IntArrayRef keep, std::string_view strategy, at::OptionalIntArrayRef grids) {
+  check_tokens(tokens, 2, "(T, D)");
+  const int64_t t = tokens.size(0);
+  if (sig.dim() != 1 || sig.scalar_type() != at::kLong) fail("sig must be a 1-D (T,) int64 tensor");
+  if (sig.size(0) != t) fail("sig.shape[0] must equal tokens.shape[0] (T) = ", t, ", got ", sig.size(0));
+  if (sig.device() != tokens.device()) {
+    fail("sig must be on the same device as tokens (", device_name(tokens.device()), "), got ",
+         device_name(sig.device()));
+  }
+  const auto ct = cu_seqlens.scalar_type();
+  if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || (ct != at::kInt && ct != at::kLong)) {
+    fail("cu_seqlens must be a 1-D (B + 1,) int32 or int64 tensor");
+  }
+  if (cu_seqlens.device() != tokens.device()) {
+    fail("cu_seqlens must be on the same device as tokens (", device_name(tokens.device()), "), got ",
+         device_name(cu_seqlens.device()));
+  }
+  const int64_t b = cu_seqlens.size(0) - 1;
+  if (static_cast<int64_t>(keep.size()) != b) {
+    fail("keep must hold B = len(cu_seqlens) - 1 = ", b, " ints, got ", keep.size());
+  }
+  for (int64_t v : keep) {
+    if (v < 0) fail("keep must be >= 0 for every image, got ", py_seq(keep, false));
+  }
+  const Strategy st = parse_strategy(strategy);
+  if (st == Strategy::kRow && !grids.has_value()) {
+    fail("strategy='row' needs grids=[rows_0, cols_0, rows_1, cols_1, ...] (one grid per image)");
+  }
+  if (grids.has_value()) {
+    const auto g = *grids;
+    bool ok = static_cast<int64_t>(g.size()) == 2 * b;
+    for (size_t i = 0; ok && i < g.size(); ++i) ok = i % 2 == 0 ? g[i] >= 0 : g[i] > 0;
+    if (!ok) {
+      fail("grids must hold 2 * B = ", 2 * b, " ints [rows_0, cols_0, ...] with rows >= 0 and cols > 0, got ",
+           py_seq(g, false));
+    }
+  }
+  VarlenArgs a{};
+  a.B = b;
+  a.T = t;
+  a.D = tokens.size(1);
+  a.strategy = st;
+  a.keep.assign(keep.begin(), keep.end());
+  a.cols.assign(b, 1);
+  a.keep_start.assign(b + 1, 0);
+  for (int64_t i = 0; i < b; ++i) {
+    if (st == Strategy::kRow) a.cols[i] = (*grids)[2 * i + 1];
+    if (keep[i] % a.cols[i] != 0) {
+      const int64_t lo = keep[i] / a.cols[i] * a.cols[i];
+      fail("keep[", i, "] must be a multiple of cols = ", a.cols[i], " for strategy='row', got ", keep[i],
+           ": nearest valid values are ", lo, " and ", lo + a.cols[i]);
+    }
+    a.keep_start[i + 1] = a.keep_start[i] + keep[i];
+  }
+  a.total = a.keep_start[b];
+  a.values_checked = tokens.device().is_cpu();
+  if (!a.values_checked) return a;
+  // CPU: read the offsets (no device to sync with) and check them as _checks.py does.
+  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* c = cu.const_data_ptr<int64_t>();
+  if (c[0] != 0) fail("cu_seqlens[0] must be 0, got ", c[0]);
+  if (c[b] != t) fail("cu_seqlens[B] must equal tokens.shape[0] (T) = ", t, ", got ", c[b]);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t n = c[i + 1] - c[i];
+    if (n < 0) {
+      fail("cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", c[i], " > cu_seqlens[", i + 1,
+           "] = ", c[i + 1]);
+    }
+    if (keep[i] > n) fail("keep[", i, "] must be in [0, n] = [0, ", n, "] (n from cu_seqlens), got ", keep[i]);
+    if (grids.has_value() && (*grids)[2 * i] * (*grids)[2 * i + 1] != n) {
+      fail("grids[", i, "] = (", (*grids)[2 * i], ", ", (*grids)[2 * i + 1], ") must have rows * cols == n = ", n,
+           " (n from cu_seqlens)");
+    }
+  }
+  return a;
+}
+
 }  // namespace fopru
 
 // Keep these strings identical to SCHEMAS in fopru_kernels/ops.py (tests/test_ops.py checks it).
@@ -167,6 +360,16 @@ TORCH_LIBRARY(fopru, m) {
   m.def(
       "prune_tokens(Tensor tokens, Tensor attn, int keep, str strategy=\"rank\", "
       "str score=\"focal\", int num_prefix=1, int[]? grid=None) -> (Tensor, Tensor)");
+  m.def(
+      "significance_qk(Tensor q, Tensor k, str score=\"focal\", int num_prefix=1, float? scale=None, "
+      "Tensor? lse=None, str kind=\"prob\", str layout=\"bhsd\") -> Tensor");
+  m.def(
+      "prune_tokens_qk(Tensor tokens, Tensor q, Tensor k, int keep, str strategy=\"rank\", str score=\"focal\", "
+      "int num_prefix=1, int[]? grid=None, float? scale=None, Tensor? lse=None, str kind=\"prob\", "
+      "str layout=\"bhsd\") -> (Tensor, Tensor)");
+  m.def(
+      "prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy=\"rank\", "
+      "int[]? grids=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fopru, CPU, m) {
@@ -181,4 +384,7 @@ TORCH_LIBRARY_IMPL(fopru, Autograd, m) {
   m.impl("significance", torch::CppFunction::makeFallthrough());
   m.impl("select", torch::CppFunction::makeFallthrough());
   m.impl("prune_tokens", torch::CppFunction::makeFallthrough());
+  m.impl("significance_qk", torch::CppFunction::makeFallthrough());
+  m.impl("prune_tokens_qk", torch::CppFunction::makeFallthrough());
+  m.impl("prune_tokens_varlen", torch::CppFunction::makeFallthrough());
 }

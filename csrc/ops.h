@@ -4,7 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/OptionalArrayRef.h>
+#include <optional>
 #include <string_view>
+#include <vector>
 
 #include "fopru.h"
 
@@ -26,6 +28,35 @@ struct PruneArgs {
   int64_t D;
 };
 
+// significance_qk / prune_tokens_qk (SPEC.md "Significance from q and k"). Element (b, h, s, e) of
+// q sits at q + b * q_sb + h * q_sh + s * q_ss + e * q_sd whatever the layout ("bshd" only swaps
+// which dimension each stride comes from); k likewise.
+struct QkArgs {
+  int64_t B, H, S, d, P, N;
+  Score score;
+  bool prob;     // kind == "prob" (softmax probabilities), else "logit"
+  bool has_lse;  // prob only: lse (B, H, S) float32 given
+  double scale;  // resolved: d ** -0.5 when None
+  int64_t q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd;
+};
+
+struct PruneQkArgs {
+  QkArgs qk;
+  SelectArgs sel;
+  int64_t D;
+};
+
+// prune_tokens_varlen (SPEC.md "Ragged batches"): the host-side arguments, checked. The values of
+// cu_seqlens are checked here only for CPU tensors (values_checked); GPU kernels check per image.
+struct VarlenArgs {
+  int64_t B, T, D, total;           // total = sum(keep) = rows of the outputs
+  Strategy strategy;
+  std::vector<int64_t> keep;        // B
+  std::vector<int64_t> cols;        // B: cols_b for row, 1 for rank
+  std::vector<int64_t> keep_start;  // B + 1: prefix sums of keep (= cu_seqlens_out)
+  bool values_checked;
+};
+
 // Each raises c10::ValueError (Python ValueError) with the text of fopru_kernels/_checks.py.
 SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64_t num_prefix);
 SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view strategy,
@@ -33,6 +64,18 @@ SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view st
 PruneArgs check_prune(const at::Tensor& tokens, const at::Tensor& attn, int64_t keep,
                       std::string_view strategy, std::string_view score, int64_t num_prefix,
                       at::OptionalIntArrayRef grid);
+QkArgs check_significance_qk(const at::Tensor& q, const at::Tensor& k, std::string_view score,
+                             int64_t num_prefix, std::optional<double> scale,
+                             const std::optional<at::Tensor>& lse, std::string_view kind,
+                             std::string_view layout);
+PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const at::Tensor& k,
+                           int64_t keep, std::string_view strategy, std::string_view score,
+                           int64_t num_prefix, at::OptionalIntArrayRef grid,
+                           std::optional<double> scale, const std::optional<at::Tensor>& lse,
+                           std::string_view kind, std::string_view layout);
+VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig,
+                              const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                              std::string_view strategy, at::OptionalIntArrayRef grids);
 
 // CPU kernels (cpu/prune_tokens.cpp); the schema's C++ signatures.
 at::Tensor significance_cpu(const at::Tensor& attn, c10::string_view score, int64_t num_prefix);
@@ -42,5 +85,9 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& tokens, co
                                                     int64_t keep, c10::string_view strategy,
                                                     c10::string_view score, int64_t num_prefix,
                                                     at::OptionalIntArrayRef grid);
+// cpu/prune_tokens_varlen.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
+    const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+    c10::string_view strategy, at::OptionalIntArrayRef grids);
 
 }  // namespace fopru

@@ -1,26 +1,34 @@
 """fopru_kernels: exact fused FoPru visual-token pruning (arXiv 2411.14164).
 
 Importing the package loads the compiled library when it was built, which registers
-torch.ops.fopru.{significance, select, prune_tokens}; otherwise the same ops are defined in Python.
+torch.ops.fopru.{significance, select, prune_tokens} and the q/k and
+ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen}; otherwise the same ops are defined in Python.
 """
 from .ops import (
     HAS_CUDA_KERNELS,
     HAS_LIBRARY,
     available_backends,
     prune_tokens,
+    prune_tokens_qk,
+    prune_tokens_varlen,
     select,
     significance,
+    significance_qk,
 )
-from .reference import positions, retained_count
+from .reference import positions, positions_varlen, retained_count
 
 __all__ = [
     "HAS_CUDA_KERNELS",
     "HAS_LIBRARY",
     "available_backends",
     "positions",
+    "positions_varlen",
     "prune_tokens",
+    "prune_tokens_qk",
+    "prune_tokens_varlen",
     "retained_count",
     "select",
     "significance",
+    "significance_qk",
 ]
 __version__ = "0.1.0"

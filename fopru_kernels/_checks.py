@@ -98,12 +98,7 @@ def _check_keep(n: int, keep: int, strategy: str, grid) -> tuple[int, int]:
 
 def check_prune(tokens, attn, keep: int, strategy: str, score: str, num_prefix: int, grid) -> tuple[int, int]:
     """Validates prune_tokens()'s inputs; returns the grid (rows, cols)."""
-    if not isinstance(tokens, torch.Tensor):
-        _fail(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != 3:
-        _fail(f"tokens must be 3-D (B, N, D), got {tokens.dim()}-D")
-    if tokens.dtype not in TOKEN_DTYPES:
-        _fail(f"tokens must be float16, bfloat16 or float32, got {_dtype_name(tokens.dtype)}")
+    _check_tokens(tokens)
     check_significance(attn, score, num_prefix)
     b, n, _ = tokens.shape
     if attn.device != tokens.device:
@@ -116,3 +111,149 @@ def check_prune(tokens, attn, keep: int, strategy: str, score: str, num_prefix: 
     rows, cols = _check_keep(n, keep, strategy, grid)
     check_size(attn.shape[1], attn.shape[2], s, num_prefix, score, cols if strategy == "row" else 1)
     return rows, cols
+
+
+QK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KINDS = ("prob", "logit")
+LAYOUTS = ("bhsd", "bshd")
+
+
+def check_significance_qk(q, k, score: str, num_prefix: int, scale, lse, kind: str, layout: str) -> float:
+    """Validates significance_qk()'s inputs; returns the resolved scale (d ** -0.5 when None)."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if layout not in LAYOUTS:
+        _fail(f"layout must be 'bhsd' or 'bshd', got '{layout}'")
+    dims = "(B, H, S, d)" if layout == "bhsd" else "(B, S, H, d)"
+    if q.dim() != 4:
+        _fail(f"q must be 4-D {dims}, got {q.dim()}-D")
+    if q.dtype not in QK_DTYPES:
+        _fail(f"q must be float16, bfloat16 or float32, got {_dtype_name(q.dtype)}")
+    if k.shape != q.shape:
+        _fail(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        _fail(f"k must have q's dtype {_dtype_name(q.dtype)}, got {_dtype_name(k.dtype)}")
+    if k.device != q.device:
+        _fail(f"k must be on q's device ({q.device}), got {k.device}")
+    if score not in SCORES:
+        _fail(f"score must be 'focal', 'received' or 'cls', got '{score}'")
+    if kind not in KINDS:
+        _fail(f"kind must be 'prob' or 'logit', got '{kind}'")
+    b, h, s, d = qk_dims(q, layout)
+    if d < 1:
+        _fail("q's head dim d must be >= 1, got 0")
+    if num_prefix < 0 or num_prefix >= s:
+        _fail(f"num_prefix must be in [0, S) = [0, {s}) with S = {s} tokens in q, got {num_prefix}")
+    if score == "cls" and num_prefix < 1:
+        _fail("score='cls' needs num_prefix >= 1 (the CLS token), got 0")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale != 0):
+        _fail(f"scale must be a finite nonzero float or None, got {scale}")
+    if lse is not None:
+        if kind != "prob":
+            _fail("lse is only used with kind='prob'; pass lse=None for kind='logit'")
+        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (b, h, s):
+            got = f"{type(lse).__name__}" if not isinstance(lse, torch.Tensor) else f"{_dtype_name(lse.dtype)} {tuple(lse.shape)}"
+            _fail(f"lse must be a float32 tensor of shape (B, H, S) = {(b, h, s)}, got {got}")
+        if lse.device != q.device:
+            _fail(f"lse must be on q's device ({q.device}), got {lse.device}")
+    _check_qk_size(h, 1)
+    return float(scale) if scale is not None else d**-0.5
+
+
+def qk_dims(q: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(B, H, S, d) of q in either layout."""
+    b, x, y, d = q.shape
+    return (b, x, y, d) if layout == "bhsd" else (b, y, x, d)
+
+
+def _check_qk_size(h: int, width: int) -> None:
+    if h * width > MAX_TERMS:
+        _fail(f"q has too many heads for exact int64 sums: H * W' = {h} * {width} = {h * width} exceeds 2^26")
+
+
+def check_prune_qk(tokens, q, k, keep: int, strategy: str, score: str, num_prefix: int, grid, scale, lse,
+                   kind: str, layout: str) -> tuple[int, int, float]:
+    """Validates prune_tokens_qk()'s inputs; returns (rows, cols, resolved scale)."""
+    _check_tokens(tokens)
+    scale = check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    b, n, _ = tokens.shape
+    qb, h, s, _ = qk_dims(q, layout)
+    if q.device != tokens.device:
+        _fail(f"q must be on the same device as tokens ({tokens.device}), got {q.device}")
+    if qb != b:
+        _fail(f"q's batch size B must equal tokens.shape[0] = {b}, got {qb}")
+    if s - num_prefix != n:
+        _fail(f"q's token count S - num_prefix must equal tokens.shape[1] (N) = {n}, got {s} - {num_prefix} = {s - num_prefix}")
+    rows, cols = _check_keep(n, keep, strategy, grid)
+    _check_qk_size(h, cols if strategy == "row" else 1)
+    return rows, cols, scale
+
+
+def _check_tokens(tokens, dims: int = 3, shape: str = "(B, N, D)") -> None:
+    if not isinstance(tokens, torch.Tensor):
+        _fail(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != dims:
+        _fail(f"tokens must be {dims}-D {shape}, got {tokens.dim()}-D")
+    if tokens.dtype not in TOKEN_DTYPES:
+        _fail(f"tokens must be float16, bfloat16 or float32, got {_dtype_name(tokens.dtype)}")
+
+
+def check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy: str, grids, values: bool = True) -> list[int]:
+    """Validates prune_tokens_varlen()'s inputs; returns cols per image (grid cols for row, 1 for rank).
+
+    cu_seqlens' values are checked only for CPU tensors (and not at all with values=False, for fake
+    tensors): on a GPU that would need a sync, and the kernels check each image's segment themselves
+    (SPEC.md "Ragged batches")."""
+    _check_tokens(tokens, 2, "(T, D)")
+    t = tokens.shape[0]
+    if not isinstance(sig, torch.Tensor) or sig.dim() != 1 or sig.dtype != torch.int64:
+        _fail("sig must be a 1-D (T,) int64 tensor")
+    if sig.shape[0] != t:
+        _fail(f"sig.shape[0] must equal tokens.shape[0] (T) = {t}, got {sig.shape[0]}")
+    if sig.device != tokens.device:
+        _fail(f"sig must be on the same device as tokens ({tokens.device}), got {sig.device}")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1
+            or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+        _fail("cu_seqlens must be a 1-D (B + 1,) int32 or int64 tensor")
+    if cu_seqlens.device != tokens.device:
+        _fail(f"cu_seqlens must be on the same device as tokens ({tokens.device}), got {cu_seqlens.device}")
+    b = cu_seqlens.shape[0] - 1
+    keep = list(keep)
+    if len(keep) != b:
+        _fail(f"keep must hold B = len(cu_seqlens) - 1 = {b} ints, got {len(keep)}")
+    if any(v < 0 for v in keep):
+        _fail(f"keep must be >= 0 for every image, got {keep}")
+    if strategy not in STRATEGIES:
+        _fail(f"strategy must be 'rank' or 'row', got '{strategy}'")
+    if strategy == "row" and grids is None:
+        _fail("strategy='row' needs grids=[rows_0, cols_0, rows_1, cols_1, ...] (one grid per image)")
+    if grids is not None:
+        grids = list(grids)
+        if len(grids) != 2 * b or any(g < 0 for g in grids[0::2]) or any(c <= 0 for c in grids[1::2]):
+            _fail(f"grids must hold 2 * B = {2 * b} ints [rows_0, cols_0, ...] with rows >= 0 and cols > 0, got {grids}")
+    cols = [grids[2 * i + 1] if strategy == "row" else 1 for i in range(b)]
+    for i in range(b):
+        if keep[i] % cols[i]:
+            lo = keep[i] // cols[i] * cols[i]
+            _fail(f"keep[{i}] must be a multiple of cols = {cols[i]} for strategy='row', got {keep[i]}: "
+                  f"nearest valid values are {lo} and {lo + cols[i]}")
+    if values and tokens.device.type == "cpu":
+        _check_cu_seqlens_values(cu_seqlens.tolist(), t, keep, grids)
+    return cols
+
+
+def _check_cu_seqlens_values(cu: list[int], t: int, keep: list[int], grids) -> None:
+    if cu[0] != 0:
+        _fail(f"cu_seqlens[0] must be 0, got {cu[0]}")
+    if cu[-1] != t:
+        _fail(f"cu_seqlens[B] must equal tokens.shape[0] (T) = {t}, got {cu[-1]}")
+    for i in range(len(keep)):
+        n = cu[i + 1] - cu[i]
+        if n < 0:
+            _fail(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > cu_seqlens[{i + 1}] = {cu[i + 1]}")
+        if keep[i] > n:
+            _fail(f"keep[{i}] must be in [0, n] = [0, {n}] (n from cu_seqlens), got {keep[i]}")
+        if grids is not None and grids[2 * i] * grids[2 * i + 1] != n:
+            _fail(f"grids[{i}] = ({grids[2 * i]}, {grids[2 * i + 1]}) must have rows * cols == n = {n} "
+                  f"(n from cu_seqlens)")

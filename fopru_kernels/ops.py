@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import _checks, reference
+from . import _checks, reference, reference_qk
 
 # Keep identical to TORCH_LIBRARY(fopru) in csrc/ops.cpp (tests/test_ops.py checks it).
 SCHEMAS = {
@@ -19,6 +19,19 @@ SCHEMAS = {
     "prune_tokens": (
         'prune_tokens(Tensor tokens, Tensor attn, int keep, str strategy="rank", '
         'str score="focal", int num_prefix=1, int[]? grid=None) -> (Tensor, Tensor)'
+    ),
+    "significance_qk": (
+        'significance_qk(Tensor q, Tensor k, str score="focal", int num_prefix=1, float? scale=None, '
+        'Tensor? lse=None, str kind="prob", str layout="bhsd") -> Tensor'
+    ),
+    "prune_tokens_qk": (
+        'prune_tokens_qk(Tensor tokens, Tensor q, Tensor k, int keep, str strategy="rank", str score="focal", '
+        'int num_prefix=1, int[]? grid=None, float? scale=None, Tensor? lse=None, str kind="prob", '
+        'str layout="bhsd") -> (Tensor, Tensor)'
+    ),
+    "prune_tokens_varlen": (
+        'prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy="rank", '
+        'int[]? grids=None) -> (Tensor, Tensor, Tensor)'
     ),
 }
 
@@ -59,10 +72,23 @@ if not HAS_LIBRARY:
         lambda t, a, k, st="rank", sc="focal", p=1, g=None: reference.prune_tokens(t, a, k, st, sc, p, _grid(g)),
         "CPU",
     )
+    _def.impl("prune_tokens_varlen", reference.prune_tokens_varlen, "CPU")
     for _name in SCHEMAS:  # inference-only, as in C++: outputs never require grad
         _def.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
-HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("fopru::prune_tokens", "CUDA")
+# The q/k ops have no C++ CPU kernel: on CPU tensors they run the float64 oracle (SPEC.md allows
+# the q/k path to round differently per backend; their selection and gather stay exact).
+_qk_cpu = torch.library.Library("fopru", "IMPL")
+_libs.append(_qk_cpu)
+_qk_cpu.impl("significance_qk", reference_qk.significance_qk, "CPU")
+_qk_cpu.impl("prune_tokens_qk", reference_qk.prune_tokens_qk, "CPU")
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fopru::{name}", "CUDA")
+
+
+HAS_CUDA_KERNELS = _has_cuda_kernel("prune_tokens")
 
 
 def _triton_module():
@@ -94,14 +120,47 @@ def _triton_prune_tokens(tokens, attn, keep, strategy="rank", score="focal", num
     return _triton_module().prune_tokens(tokens, attn, keep, strategy, score, num_prefix, rows, cols)
 
 
-# The C++ CUDA kernels are the production path; where the library was built without them,
-# CUDA tensors go to the Triton kernels (imported on first use, not at import time).
-if not HAS_CUDA_KERNELS and _has_triton():
+def _triton_significance_qk(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob", layout="bhsd"):
+    scale = _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    from .triton import significance_qk as tq
+
+    return tq.significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def _triton_prune_tokens_qk(tokens, q, k, keep, strategy="rank", score="focal", num_prefix=1, grid=None,
+                            scale=None, lse=None, kind="prob", layout="bhsd"):
+    rows, cols, scale = _checks.check_prune_qk(
+        tokens, q, k, keep, strategy, score, num_prefix, grid, scale, lse, kind, layout)
+    from .triton import significance_qk as tq
+
+    return tq.prune_tokens_qk(tokens, q, k, keep, strategy, score, num_prefix, rows, cols, scale, lse, kind, layout)
+
+
+def _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy="rank", grids=None):
+    cols = _checks.check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
+    from .triton import prune_tokens_varlen as tv
+
+    return tv.prune_tokens_varlen(tokens, sig, cu_seqlens, list(keep), strategy, cols,
+                                  None if grids is None else list(grids))
+
+
+_TRITON_IMPLS = {
+    "significance": _triton_significance,
+    "select": _triton_select,
+    "prune_tokens": _triton_prune_tokens,
+    "significance_qk": _triton_significance_qk,
+    "prune_tokens_qk": _triton_prune_tokens_qk,
+    "prune_tokens_varlen": _triton_prune_tokens_varlen,
+}
+
+# The C++ CUDA kernels are the production path; an op the library was built without goes to its
+# Triton kernel on CUDA tensors (the triton modules are imported on first use, not at import time).
+if _has_triton():
     _cuda = torch.library.Library("fopru", "IMPL")
     _libs.append(_cuda)
-    _cuda.impl("significance", _triton_significance, "CUDA")
-    _cuda.impl("select", _triton_select, "CUDA")
-    _cuda.impl("prune_tokens", _triton_prune_tokens, "CUDA")
+    for _name, _impl in _TRITON_IMPLS.items():
+        if not _has_cuda_kernel(_name):
+            _cuda.impl(_name, _impl, "CUDA")
 
 
 # Fake kernels: output sizes depend only on shapes and keep, so torch.compile(fullgraph=True)
@@ -125,9 +184,36 @@ def _prune_tokens_fake(tokens, attn, keep, strategy="rank", score="focal", num_p
     return tokens.new_empty((b, keep, d)), tokens.new_empty((b, keep), dtype=torch.int64)
 
 
+@torch.library.register_fake("fopru::significance_qk")
+def _significance_qk_fake(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob", layout="bhsd"):
+    _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    b, _, s, _ = _checks.qk_dims(q, layout)
+    return q.new_empty((b, s - num_prefix), dtype=torch.int64)
+
+
+@torch.library.register_fake("fopru::prune_tokens_qk")
+def _prune_tokens_qk_fake(tokens, q, k, keep, strategy="rank", score="focal", num_prefix=1, grid=None,
+                          scale=None, lse=None, kind="prob", layout="bhsd"):
+    _checks.check_prune_qk(tokens, q, k, keep, strategy, score, num_prefix, grid, scale, lse, kind, layout)
+    b, _, d = tokens.shape
+    return tokens.new_empty((b, keep, d)), tokens.new_empty((b, keep), dtype=torch.int64)
+
+
+@torch.library.register_fake("fopru::prune_tokens_varlen")
+def _prune_tokens_varlen_fake(tokens, sig, cu_seqlens, keep, strategy="rank", grids=None):
+    # values=False: the value checks read cu_seqlens, which a fake tensor cannot give.
+    _checks.check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy, grids, values=False)
+    total = sum(keep)
+    return (tokens.new_empty((total, tokens.shape[1])), tokens.new_empty((total,), dtype=torch.int64),
+            cu_seqlens.new_empty(cu_seqlens.shape))
+
+
 _OP_SIG = torch.ops.fopru.significance.default
 _OP_SELECT = torch.ops.fopru.select.default
 _OP_PRUNE = torch.ops.fopru.prune_tokens.default
+_OP_SIG_QK = torch.ops.fopru.significance_qk.default
+_OP_PRUNE_QK = torch.ops.fopru.prune_tokens_qk.default
+_OP_VARLEN = torch.ops.fopru.prune_tokens_varlen.default
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
@@ -227,3 +313,84 @@ def prune_tokens(
     if backend == "triton":
         return _triton_prune_tokens(tokens, attn, keep, strategy, score, num_prefix, grid)
     return _OP_PRUNE(tokens, attn, keep, strategy, score, num_prefix, grid)
+
+
+def significance_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    score: str = "focal",
+    num_prefix: int = 1,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Token significance from the layer's queries and keys, no attention map (SPEC.md
+    "Significance from q and k"): q, k (B, H, S, d) ('bhsd') or (B, S, H, d) ('bshd') -> (B, N) int64.
+
+    kind 'prob' scores softmax probabilities (lse (B, H, S) float32 from SDPA / FlashAttention, or
+    None to compute it), 'logit' the scaled logits; scale None means d ** -0.5.
+    """
+    if backend == "auto":
+        return _OP_SIG_QK(q, k, score, num_prefix, scale, lse, kind, layout)
+    _require(backend, q)
+    if backend == "reference":
+        return reference_qk.significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    if backend == "triton":
+        return _triton_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    return _OP_SIG_QK(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def prune_tokens_qk(
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    keep: int,
+    strategy: str = "rank",
+    score: str = "focal",
+    num_prefix: int = 1,
+    grid: tuple[int, int] | None = None,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prune_tokens with the significance computed from q and k (see significance_qk):
+    tokens (B, N, D) -> pruned (B, keep, D), idx (B, keep) int64, N = S - num_prefix."""
+    args = (tokens, q, k, keep, strategy, score, num_prefix, grid, scale, lse, kind, layout)
+    if backend == "auto":
+        return _OP_PRUNE_QK(*args)
+    _require(backend, tokens)
+    if backend == "reference":
+        return reference_qk.prune_tokens_qk(*args)
+    if backend == "triton":
+        return _triton_prune_tokens_qk(*args)
+    return _OP_PRUNE_QK(*args)
+
+
+def prune_tokens_varlen(
+    tokens: torch.Tensor,
+    sig: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    keep: list[int],
+    strategy: str = "rank",
+    grids: list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch for a ragged batch (SPEC.md "Ragged batches"): tokens (T, D), sig (T,) int64,
+    cu_seqlens (B + 1,) int32/int64 on the device, keep B host ints, grids [rows_0, cols_0, ...]
+    (needed by 'row') -> pruned (sum(keep), D), idx (sum(keep),) global int64, cu_seqlens_out (B + 1,).
+    No device-to-host sync: every output size comes from `keep`.
+    """
+    keep = [int(v) for v in keep]
+    grids = None if grids is None else [int(v) for v in grids]
+    if backend == "auto":
+        return _OP_VARLEN(tokens, sig, cu_seqlens, keep, strategy, grids)
+    _require(backend, tokens)
+    if backend == "reference":
+        return reference.prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
+    if backend == "triton":
+        return _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
+    return _OP_VARLEN(tokens, sig, cu_seqlens, keep, strategy, grids)

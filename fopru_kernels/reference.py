@@ -6,11 +6,12 @@ the compiled library reject bad input alike.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
-from ._checks import check_prune, check_select, check_significance, resolve_grid
+from ._checks import check_prune, check_prune_varlen, check_select, check_significance, resolve_grid
 
 FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
 FX_CLAMP = 256.0
@@ -153,3 +154,50 @@ def positions(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if rows <= 0 or cols <= 0:
         raise ValueError(f"grid must be two positive ints (rows, cols), got {grid}")
     return torch.stack((idx // cols, idx % cols), dim=-1)
+
+
+def prune_tokens_varlen(
+    tokens: torch.Tensor,
+    sig: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    keep: list[int],
+    strategy: str = "rank",
+    grids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged batches, SPEC.md "Ragged batches": the dense selection looped over images.
+
+    tokens (T, D), sig (T,) int64, cu_seqlens (B + 1,) int32/int64, keep B ints, grids None or
+    [rows_0, cols_0, ...]. Returns pruned (sum(keep), D), idx (sum(keep),) int64 global indices and
+    cu_seqlens_out (B + 1,) of cu_seqlens' dtype.
+    """
+    check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
+    cu = cu_seqlens.tolist()  # the oracle may sync; the kernels do not
+    parts = []
+    with torch.no_grad():
+        for b, kb in enumerate(keep):
+            if cu[b + 1] == cu[b]:  # an empty image keeps nothing (its grid may be (0, cols))
+                continue
+            seg = sig[cu[b]:cu[b + 1]][None]
+            grid = None if grids is None else (grids[2 * b], grids[2 * b + 1])
+            rows, cols = check_select(seg, kb, strategy, grid)
+            parts.append(_select(seg, kb, strategy, rows, cols)[0] + cu[b])
+        idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=sig.device)
+        out = torch.tensor([0] + list(itertools.accumulate(keep)), dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        return tokens[idx].contiguous(), idx, out
+
+
+def positions_varlen(
+    idx: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], grids: list[int]
+) -> torch.Tensor:
+    """(row, col) of each kept token of a ragged batch: idx (T',) global -> (T', 2) int64.
+
+    keep and grids are the host lists given to prune_tokens_varlen; only cu_seqlens is read on the
+    device (no sync: the per-token image offsets are gathered there)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError("idx must be a (T',) int64 tensor")
+    if len(grids) != 2 * len(keep) or sum(keep) != idx.shape[0]:
+        raise ValueError(f"keep must sum to len(idx) = {idx.shape[0]} and grids hold 2 * len(keep) ints")
+    image = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor(keep, dtype=torch.int64)).to(idx.device)
+    cols = torch.tensor(grids[1::2], dtype=torch.int64).to(idx.device)[image]
+    local = idx - cu_seqlens.to(torch.int64)[image]
+    return torch.stack((local // cols, local % cols), dim=-1)

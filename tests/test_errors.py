@@ -106,3 +106,100 @@ def test_retained_count_and_positions_errors():
         F.retained_count(575, 0.25, "row")
     with pytest.raises(ValueError, match=r"idx must be a \(B, K\) int64 tensor"):
         F.positions(torch.zeros(3), (2, 2))
+
+
+def _qk(b=2, h=2, s=5, d=4, dtype=torch.float32):
+    return torch.randn(b, h, s, d).to(dtype)
+
+
+QK_ERRORS = {
+    "q-3d": (dict(q=torch.randn(2, 5, 4)), r"q must be 4-D \(B, H, S, d\), got 3-D"),
+    "q-3d-bshd": (dict(q=torch.randn(2, 5, 4), layout="bshd"), r"q must be 4-D \(B, S, H, d\), got 3-D"),
+    "q-dtype": (dict(q=_qk(dtype=torch.float64)), r"q must be float16, bfloat16 or float32, got float64"),
+    "k-shape": (dict(k=_qk(s=6)), r"k must have q's shape \(2, 2, 5, 4\), got \(2, 2, 6, 4\)"),
+    "k-dtype": (dict(k=_qk(dtype=torch.float16)), r"k must have q's dtype float32, got float16"),
+    "layout": (dict(layout="bsh"), r"layout must be 'bhsd' or 'bshd', got 'bsh'"),
+    "kind": (dict(kind="softmax"), r"kind must be 'prob' or 'logit', got 'softmax'"),
+    "score": (dict(score="mean"), r"score must be 'focal', 'received' or 'cls', got 'mean'"),
+    "prefix": (dict(num_prefix=5), r"num_prefix must be in \[0, S\) = \[0, 5\) with S = 5 tokens in q, got 5"),
+    "cls-no-prefix": (dict(score="cls", num_prefix=0, tokens=_t(n=5)), r"score='cls' needs num_prefix >= 1"),
+    "scale": (dict(scale=float("nan")), r"scale must be a finite nonzero float or None, got nan"),
+    "scale-zero": (dict(scale=0.0), r"scale must be a finite nonzero float or None, got 0.0"),
+    "lse-logit": (dict(lse=torch.zeros(2, 2, 5), kind="logit"), r"lse is only used with kind='prob'"),
+    "lse-shape": (
+        dict(lse=torch.zeros(2, 5, 2)),
+        r"lse must be a float32 tensor of shape \(B, H, S\) = \(2, 2, 5\), got float32 \(2, 5, 2\)",
+    ),
+    "lse-bshd-shape": (  # (B, H, S) whatever q's layout
+        dict(q=_qk().transpose(1, 2), k=_qk().transpose(1, 2), layout="bshd", lse=torch.zeros(2, 5, 2)),
+        r"lse must be a float32 tensor of shape \(B, H, S\) = \(2, 2, 5\), got float32 \(2, 5, 2\)",
+    ),
+    "lse-dtype": (dict(lse=torch.zeros(2, 2, 5, dtype=torch.float16)), r"lse must be a float32 tensor .* got float16"),
+    "tokens-2d": (dict(tokens=torch.randn(4, 3)), r"tokens must be 3-D \(B, N, D\), got 2-D"),
+    "batch": (dict(tokens=_t(b=3)), r"q's batch size B must equal tokens.shape\[0\] = 3, got 2"),
+    "tokens-n": (dict(tokens=_t(n=5)), r"q's token count S - num_prefix must equal tokens.shape\[1\] \(N\) = 5, got 5 - 1 = 4"),
+    "keep": (dict(keep=5), r"keep must be in \[0, N\] = \[0, 4\], got 5"),
+    "row-multiple": (dict(strategy="row", keep=3), r"keep must be a multiple of cols = 2 for strategy='row', got 3"),
+    "heads": (
+        dict(q=torch.zeros(1, 1, 1, 1).expand(2, 2**26 + 1, 5, 4), k=torch.zeros(1, 1, 1, 1).expand(2, 2**26 + 1, 5, 4)),
+        r"q has too many heads for exact int64 sums: H \* W' = 67108865 \* 1 = 67108865 exceeds 2\^26",
+    ),
+}
+
+
+def _qk_args(**over):
+    args = dict(tokens=_t(), q=_qk(), k=_qk(), keep=2, strategy="rank", score="focal", num_prefix=1, grid=None,
+                scale=None, lse=None, kind="prob", layout="bhsd")
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", QK_ERRORS)
+def test_prune_tokens_qk_errors(name, backend):
+    over, pattern = QK_ERRORS[name]
+    with pytest.raises(ValueError, match=pattern):
+        F.prune_tokens_qk(**_qk_args(**over), backend=backend)
+
+
+def _varlen_args(**over):
+    args = dict(tokens=torch.randn(7, 3), sig=torch.arange(7), cu_seqlens=torch.tensor([0, 3, 7]), keep=[1, 2],
+                strategy="rank", grids=None)
+    args.update(over)
+    return args
+
+
+VARLEN_ERRORS = {
+    "tokens-3d": (dict(tokens=torch.randn(1, 7, 3)), r"tokens must be 2-D \(T, D\), got 3-D"),
+    "sig-dtype": (dict(sig=torch.zeros(7)), r"sig must be a 1-D \(T,\) int64 tensor"),
+    "sig-length": (dict(sig=torch.arange(6)), r"sig.shape\[0\] must equal tokens.shape\[0\] \(T\) = 7, got 6"),
+    "cu-dtype": (dict(cu_seqlens=torch.tensor([0.0, 7.0])), r"cu_seqlens must be a 1-D \(B \+ 1,\) int32 or int64 tensor"),
+    "keep-count": (dict(keep=[1]), r"keep must hold B = len\(cu_seqlens\) - 1 = 2 ints, got 1"),
+    "keep-negative": (dict(keep=[1, -1]), r"keep must be >= 0 for every image, got \[1, -1\]"),
+    "strategy": (dict(strategy="top"), r"strategy must be 'rank' or 'row', got 'top'"),
+    "row-no-grids": (dict(strategy="row"), r"strategy='row' needs grids=\[rows_0, cols_0, rows_1, cols_1, ...\]"),
+    "grids-length": (dict(grids=[1, 3]), r"grids must hold 2 \* B = 4 ints .* got \[1, 3\]"),
+    "grids-zero-cols": (dict(grids=[3, 0, 2, 2]), r"grids must hold 2 \* B = 4 ints .* cols > 0, got \[3, 0, 2, 2\]"),
+    "row-multiple": (
+        dict(strategy="row", grids=[1, 3, 2, 2], keep=[3, 1]),
+        r"keep\[1\] must be a multiple of cols = 2 for strategy='row', got 1: nearest valid values are 0 and 2",
+    ),
+    "cu-start": (dict(cu_seqlens=torch.tensor([1, 3, 7])), r"cu_seqlens\[0\] must be 0, got 1"),
+    "cu-end": (dict(cu_seqlens=torch.tensor([0, 3, 6])), r"cu_seqlens\[B\] must equal tokens.shape\[0\] \(T\) = 7, got 6"),
+    "cu-decreasing": (
+        dict(cu_seqlens=torch.tensor([0, 8, 7]), keep=[1, 0]),
+        r"cu_seqlens must be non-decreasing, got cu_seqlens\[1\] = 8 > cu_seqlens\[2\] = 7",
+    ),
+    "keep-large": (dict(keep=[4, 0]), r"keep\[0\] must be in \[0, n\] = \[0, 3\] \(n from cu_seqlens\), got 4"),
+    "grid-product": (
+        dict(grids=[1, 3, 3, 1]), r"grids\[1\] = \(3, 1\) must have rows \* cols == n = 4 \(n from cu_seqlens\)"
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", VARLEN_ERRORS)
+def test_prune_tokens_varlen_errors(name, backend):
+    over, pattern = VARLEN_ERRORS[name]
+    with pytest.raises(ValueError, match=pattern):
+        F.prune_tokens_varlen(**_varlen_args(**over), backend=backend)

@@ -26,6 +26,9 @@ def _opcheck_args():
     c = Case(B=2, N=16, H=2, D=4, keep=5, score="focal", layout="strided")
     tokens, attn = make_inputs(c)
     sig = reference.significance(attn, "focal", 1)
+    q, k = torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8)
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
+    cu = torch.tensor([0, 6, 16])
     return [
         (torch.ops.fopru.prune_tokens.default, (tokens, attn, 5, "rank", "focal", 1, None)),
         (torch.ops.fopru.prune_tokens.default, (tokens, attn, 8, "row", "received", 1, [4, 4])),
@@ -34,6 +37,11 @@ def _opcheck_args():
         (torch.ops.fopru.significance.default, (attn, "focal", 1)),
         (torch.ops.fopru.select.default, (sig, 8, "row", [4, 4])),
         (torch.ops.fopru.select.default, (sig, 3, "rank", None)),
+        (torch.ops.fopru.significance_qk.default, (q, k, "focal", 1, None, None, "prob", "bhsd")),
+        (torch.ops.fopru.significance_qk.default, (q.transpose(1, 2), k.transpose(1, 2), "cls", 1, 0.5, None, "logit", "bshd")),
+        (torch.ops.fopru.prune_tokens_qk.default, (tokens, q, k, 8, "row", "received", 1, [4, 4], None, lse, "prob", "bhsd")),
+        (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu, [3, 4], "rank", None)),
+        (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu.int(), [3, 5], "row", [2, 3, 2, 5])),
     ]
 
 

@@ -14,9 +14,13 @@
 #include <vector>
 
 #include "../ops.h"
+#include "select.h"
 
 namespace fopru {
 namespace {
+
+using cpu::for_each_image;
+using cpu::select_image;
 
 // float64 rows are multiversioned so AVX-512DQ machines convert double -> int64 eight lanes at a
 // time (x86-64-v3 has no packed conversion to int64); the default clone runs everywhere.
@@ -181,66 +185,11 @@ void finish_map(const SigArgs& a, const int64_t* partials, int64_t chunks, const
   if (!focal_use_col(vc, vr)) std::copy(row, row + a.N, sig);
 }
 
-// The `count` largest of score[0..n) (ties to the lower index), written to out in index order.
-// nth_element finds the count-th (score, index) pair; everything ranking before it is kept.
-void top_in_order(const int64_t* score, int64_t n, int64_t count, int64_t* out,
-                  std::vector<int64_t>& order) {
-  if (count == 0) return;
-  order.resize(n);
-  for (int64_t j = 0; j < n; ++j) order[j] = j;
-  auto before = [score](int64_t x, int64_t y) {
-    return score[x] > score[y] || (score[x] == score[y] && x < y);
-  };
-  std::nth_element(order.begin(), order.begin() + (count - 1), order.end(), before);
-  const int64_t last = order[count - 1];
-  int64_t k = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    if (j == last || before(j, last)) out[k++] = j;
-  }
-}
-
-void select_image(const int64_t* sig, const SelectArgs& s, int64_t* idx, std::vector<int64_t>& scratch,
-                  std::vector<int64_t>& order) {
-  if (s.strategy == Strategy::kRank) {
-    top_in_order(sig, s.N, s.keep, idx, order);
-    return;
-  }
-  scratch.assign(s.rows, 0);
-  for (int64_t y = 0; y < s.rows; ++y) {
-    int64_t acc = 0;
-    for (int64_t x = 0; x < s.cols; ++x) acc += sig[y * s.cols + x];
-    scratch[y] = acc;
-  }
-  const int64_t r = s.keep / s.cols;
-  std::vector<int64_t> kept(r);
-  top_in_order(scratch.data(), s.rows, r, kept.data(), order);
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t x = 0; x < s.cols; ++x) idx[i * s.cols + x] = kept[i] * s.cols + x;
-  }
-}
-
-// pruned[b, k, :] = tokens[b, idx[k], :] as raw bytes: bit-exact for every dtype.
-void gather_image(const at::Tensor& tokens, int64_t b, const int64_t* idx, int64_t keep,
-                  char* out) {
-  const int64_t es = tokens.element_size(), d = tokens.size(2);
+// pruned[b, k, :] = tokens[b, idx[k], :].
+void gather_image(const at::Tensor& tokens, int64_t b, const int64_t* idx, int64_t keep, char* out) {
+  const int64_t es = tokens.element_size();
   const char* base = static_cast<const char*>(tokens.const_data_ptr()) + b * tokens.stride(0) * es;
-  const int64_t sn = tokens.stride(1) * es, sd = tokens.stride(2) * es;
-  for (int64_t k = 0; k < keep; ++k) {
-    const char* src = base + idx[k] * sn;
-    char* dst = out + k * d * es;
-    if (sd == es) {
-      std::memcpy(dst, src, d * es);
-    } else {
-      for (int64_t x = 0; x < d; ++x) std::memcpy(dst + x * es, src + x * sd, es);
-    }
-  }
-}
-
-template <typename F>
-void for_each_image(int64_t batch, const F& f) {
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) f(b);
-  });
+  cpu::gather_rows(base, tokens.stride(1) * es, tokens.stride(2) * es, es, tokens.size(2), idx, keep, out);
 }
 
 void significance_into(const at::Tensor& attn, const SigArgs& a, at::Tensor& sig) {

@@ -14,7 +14,8 @@ CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" triton numpy ninja \
-		"pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "pytest-timeout>=2" "matplotlib>=3.7"
+		"pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" "pytest-timeout>=2" "matplotlib>=3.7" \
+		"transformers>=5,<6"
 	touch $@
 
 fopru_kernels/_C.so: $(VENV)/.installed $(CSRC) setup.py

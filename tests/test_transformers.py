@@ -1,0 +1,282 @@
+"""transformers adapters (issues 5, 6): q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA generate().
+
+Every model is a tiny one built from a config in code with random weights (no downloads). The q/k
+path is checked against the attention-map path (the same tower run eager with output_attentions):
+exact indices and gathered features where the map path's selection margin is far above the float
+error between the two paths, which each test measures and bounds.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fopru_kernels as F
+from fopru_kernels.integrations.transformers import (  # imports transformers only when a LLaVA model is patched
+    QKCapture,
+    apply_fopru,
+    compact_rows,
+    keep_placeholders,
+    prune_vision_features,
+    remove_fopru,
+)
+from fopru_kernels.reference import FX_SCALE
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, PATCH = 56, 14  # a 4 x 4 patch grid: N = 16 patches (+ CLS for CLIP)
+N = (IMAGE // PATCH) ** 2
+KEEP = 6
+TOWER = {
+    "image_size": IMAGE, "patch_size": PATCH, "hidden_size": 64, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_hidden_layers": 3,
+}
+# Between the q/k path and the map path the probabilities differ by float32 rounding (the map is a
+# float32 eager softmax, the q/k path float64 from float32 q/k, and the two runs' SDPA / eager layers
+# feed layer -2 slightly different inputs). Measured on seeds 0-5: at most 1.6e-6 per head-summed value.
+FLOAT_ERROR = 1e-5  # bound asserted on every compared significance, in probability units
+MARGIN = 10 * FLOAT_ERROR  # selection margin the map path must have for idx equality to be meaningful
+
+
+def tower(kind: str, seed: int = 2):
+    """A tiny CLIPVisionModel or SiglipVisionModel, random weights, q/k sharpened (why: a random init
+    attends almost uniformly, leaving selection margins as thin as the float error)."""
+    config_cls, model_cls = {
+        "clip": (transformers.CLIPVisionConfig, transformers.CLIPVisionModel),
+        "siglip": (transformers.SiglipVisionConfig, transformers.SiglipVisionModel),
+    }[kind]
+    torch.manual_seed(seed)
+    model = model_cls._from_config(config_cls(**TOWER), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for block in model.encoder.layers:
+            block.self_attn.q_proj.weight.mul_(8)
+            block.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def pixels(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def map_path(model, x, layer: int):
+    """(hidden_states[layer], attention of encoder.layers[layer]) from an eager run with output_attentions."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=x, output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.hidden_states[layer], out.attentions[layer]
+
+
+def probability_units(sig: torch.Tensor, score: str) -> torch.Tensor:
+    """Map-path significance as head-summed probabilities: column / row sums become means, like the q/k path."""
+    return sig.double() / FX_SCALE / (1 if score == "cls" else N)
+
+
+def selection_margin(sig: torch.Tensor, keep: int) -> float:
+    top = sig.sort(dim=1, descending=True).values
+    return float((top[:, keep - 1] - top[:, keep]).min())
+
+
+@pytest.mark.parametrize(
+    "kind, score",
+    [("clip", "cls"), ("clip", "received"), ("clip", "focal"), ("siglip", "received"), ("siglip", "focal")],
+)
+def test_qk_path_equals_attention_map_path(kind, score):
+    model, x, layer = tower(kind), pixels(), -2
+    p = 1 if kind == "clip" else 0
+    pruned, idx = prune_vision_features(model, x, KEEP, score=score, layer=layer)
+
+    with QKCapture(model, layer) as cap, torch.no_grad():
+        model(pixel_values=x)
+    tokens = cap.hidden[:, p:]
+    hidden_map, attn = map_path(model, x, layer)
+    assert attn.shape == (2, 4, N + p, N + p)
+    map_sig = probability_units(F.significance(attn, score, p), score)
+    qk_sig = F.significance_qk(cap.q, cap.k, score, p, cap.scale, layout="bshd").double() / FX_SCALE
+    assert (map_sig - qk_sig).abs().max() < FLOAT_ERROR
+    assert selection_margin(map_sig, KEEP) > MARGIN
+    if score == "focal":  # both paths must pick the same of received / paid attention
+        col = F.significance(attn, "received", p).double()
+        row = F.significance(attn.transpose(-1, -2), "received", p).double()  # row sums = columns of the transpose
+        m = col.mean(dim=1, keepdim=True)
+        vc, vr = ((col - m) ** 2).sum(dim=1), ((row - m) ** 2).sum(dim=1)
+        assert ((vc - vr).abs() > 1e-3 * torch.maximum(vc, vr)).all()
+
+    # The map path gathers from the q/k run's hidden states: the eager run's differ by float rounding.
+    map_pruned, map_idx = F.prune_tokens(tokens, attn, KEEP, "rank", score, p)
+    assert torch.equal(idx, map_idx)
+    assert torch.equal(pruned, map_pruned)
+    assert torch.allclose(hidden_map, cap.hidden, atol=1e-4)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_capture_keeps_sdpa_and_materialises_no_attention_map():
+    model, x = tower("clip"), pixels()
+    s = N + 1
+
+    def square_maps(run) -> int:
+        with _Shapes() as mode, torch.no_grad():
+            run()
+        return sum(len(shape) >= 2 and shape[-2:] == (s, s) for shape in mode.shapes)
+
+    with QKCapture(model, -2) as cap:
+        assert square_maps(lambda: model(pixel_values=x)) == 0
+    assert cap.q.shape == cap.k.shape == (2, s, 4, 16)
+    assert model.config._attn_implementation == "sdpa"
+    # The detector does see the maps the eager path materialises.
+    model.set_attn_implementation("eager")
+    assert square_maps(lambda: model(pixel_values=x, output_attentions=True)) > 0
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3, -1, -2, -3])
+def test_capture_layer_matches_hidden_states_index(layer):
+    model, x = tower("siglip"), pixels(batch=1)
+    with QKCapture(model, layer) as cap, torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    assert torch.equal(cap.hidden, out.hidden_states[layer])
+    block = model.encoder.layers[layer - 1 if layer > 0 else layer]  # hidden_states[0] is the embeddings
+    with torch.no_grad():  # q comes from this layer's own input, hidden_states[layer - 1]
+        q = block.self_attn.q_proj(block.layer_norm1(out.hidden_states[layer - 1]))
+    assert torch.equal(cap.q.flatten(2), q)
+
+
+@pytest.mark.parametrize("layer", [0, -4, 4, 1.0])
+def test_capture_rejects_layers_without_attention(layer):
+    with pytest.raises(ValueError, match="layer must index hidden_states"):
+        QKCapture(tower("clip"), layer)
+
+
+def test_capture_rejects_other_models():
+    with pytest.raises(ValueError, match="CLIP or SigLIP vision tower"):
+        QKCapture(torch.nn.Linear(2, 2))
+
+
+# LLaVA ---------------------------------------------------------------------------------------
+
+IMAGE_TOKEN, PAD, VOCAB = 63, 0, 64
+
+
+def tiny_llava(kind: str = "clip"):
+    """A tiny LlavaForConditionalGeneration: CLIP tower with LLaVA-1.5's 'default' strategy (CLS dropped),
+    or SigLIP with 'full' (no CLS); vision_feature_layer -2 as in LLaVA-1.5."""
+    vision = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
+    config = transformers.LlavaConfig(
+        vision_config=vision(**TOWER),
+        text_config=transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN, image_seq_length=N, vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if kind == "clip" else "full",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for block in model.model.vision_tower.encoder.layers:
+            block.self_attn.q_proj.weight.mul_(8)
+            block.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def prompts():
+    """Two left-padded rows as a LLaVA processor makes them: row 0 holds two images back to back,
+    row 1 one image; each image is N placeholder tokens. Three images in all."""
+    img = [IMAGE_TOKEN] * N
+    row0 = [1, 5, 6] + img + img + [7, 8]
+    row1 = [1, 9] + img + [10, 11, 12]
+    width = max(len(row0), len(row1))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in (row0, row1)])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in (row0, row1)])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(batch=3)}
+
+
+def generate(model, inputs):
+    return model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+
+
+@pytest.mark.parametrize(
+    "kind, strategy, score, keep",
+    [("clip", "rank", "cls", 6), ("clip", "row", "focal", 8), ("siglip", "rank", "received", 5)],
+)
+def test_llava_generate_sees_keep_image_tokens(kind, strategy, score, keep):
+    model, inputs = tiny_llava(kind), prompts()
+    inner = model.model
+    expected_pruned, expected_idx = prune_vision_features(
+        inner.vision_tower, inputs["pixel_values"], keep, strategy, score, layer=-2
+    )
+    with torch.no_grad():
+        expected = inner.multi_modal_projector(expected_pruned)
+
+    handle = apply_fopru(model, keep=keep, strategy=strategy, score=score)
+    seen = []
+    hook = inner.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    trimmed = handle.prepare_inputs(inputs)
+    out = generate(model, trimmed)
+    hook.remove()
+
+    assert out.shape[1] == trimmed["input_ids"].shape[1] + 3
+    image_positions = trimmed["input_ids"] == IMAGE_TOKEN
+    assert image_positions.sum(dim=1).tolist() == [2 * keep, keep]
+    prefill = seen[0]  # the prompt pass; later passes embed one generated token each
+    assert prefill.shape[:2] == trimmed["input_ids"].shape
+    assert torch.equal(prefill[image_positions], expected.reshape(-1, expected.shape[-1]))
+    with torch.no_grad():
+        text = inner.get_input_embeddings()(trimmed["input_ids"])
+    assert torch.equal(prefill[~image_positions], text[~image_positions])
+    assert torch.equal(handle.last_idx, expected_idx)
+    remove_fopru(model)
+
+
+def test_remove_fopru_restores_full_generation():
+    model, inputs = tiny_llava(), prompts()
+    reference = generate(model, inputs)
+    handle = apply_fopru(model, keep=KEEP)
+    # The longest row (two images) loses 2 * (N - KEEP) placeholders; generate adds 3 tokens.
+    assert generate(model, handle.prepare_inputs(inputs)).shape[1] == inputs["input_ids"].shape[1] - 2 * (N - KEEP) + 3
+    for target in (model, model.model):  # the hooks live on the LlavaModel, whichever was passed
+        with pytest.raises(ValueError, match="already applied"):
+            apply_fopru(target, keep=KEEP)
+    remove_fopru(model)
+    assert torch.equal(generate(model, inputs), reference)
+    remove_fopru(model)  # a no-op once removed
+
+
+def test_llava_rejects_a_call_that_overrides_the_scored_layer():
+    model, inputs = tiny_llava(), prompts()
+    handle = apply_fopru(model, keep=KEEP)
+    with pytest.raises(ValueError, match="projector got other features"), torch.no_grad():
+        model(**handle.prepare_inputs(inputs), vision_feature_layer=-1)
+    remove_fopru(model)
+
+
+def test_apply_fopru_rejects_unsupported_models_and_keep():
+    with pytest.raises(ValueError, match="supports LlavaForConditionalGeneration and LlavaModel"):
+        apply_fopru(tower("clip"), keep=KEEP)
+    with pytest.raises(ValueError, match="keep must be in"):
+        apply_fopru(tiny_llava(), keep=N + 1)
+
+
+def test_placeholders_trimmed_per_image_and_repadded():
+    x = IMAGE_TOKEN
+    ids = torch.tensor([[PAD, 1, x, x, x, x, x, x, 7], [PAD, PAD, PAD, PAD, 1, x, x, x, 9]])
+    valid = ids != PAD
+    kept = keep_placeholders(ids, valid, IMAGE_TOKEN, tokens_per_image=3, keep=2)
+    assert torch.equal(compact_rows(ids, kept, PAD), torch.tensor([[1, x, x, x, x, 7], [PAD, PAD, 1, x, x, 9]]))
+    right = torch.tensor([[1, x, x, x, x, 7], [1, x, x, 9, PAD, PAD]])
+    assert torch.equal(compact_rows(ids, kept, PAD, "right"), right)
+    with pytest.raises(ValueError, match="multiple of 4 image placeholder"):
+        keep_placeholders(ids, valid, IMAGE_TOKEN, tokens_per_image=4, keep=2)

@@ -124,17 +124,17 @@ def applies(name: str, case: BenchCase) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- timers
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _estimate_s(call: Runner, sets: list[Inputs], device: torch.device) -> float:
+def estimate_s(call: Runner, sets: list[Inputs], device: torch.device) -> float:
     """Wall time of one warm call (the caller has run the first, compiling one)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     call(*sets[-1])
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -264,7 +264,7 @@ class Bench:
         return lambda t, a: fn(t, a, k, score=score, num_prefix=p)
 
     def _time(self, call: Runner, sets: list[Inputs]) -> tuple[float, int]:
-        est = _estimate_s(call, sets, self.device)
+        est = estimate_s(call, sets, self.device)
         reps = int(min(self.cfg.max_reps, max(self.cfg.min_reps, self.cfg.target_s / max(est, 1e-7))))
         if self.device.type == "cuda":
             for s in sets[: min(len(sets), reps)]:  # warm every set once
@@ -280,7 +280,7 @@ class Bench:
         sets = [make_inputs(case, self.device, self.attn_dtype, self.token_dtype, seed) for seed in range(n_sets)]
         expected = reference.prune_tokens(*sets[0], case.keep, score=case.score, num_prefix=case.num_prefix)
         traffic = case.traffic_bytes(self.attn_dtype, self.token_dtype)
-        dtypes = {"attn_dtype": _dtype_name(self.attn_dtype), "token_dtype": _dtype_name(self.token_dtype)}
+        dtypes = {"attn_dtype": dtype_name(self.attn_dtype), "token_dtype": dtype_name(self.token_dtype)}
         base = dict(asdict(case), **dtypes, traffic_bytes=traffic, sets=n_sets)
         for name in list(self.names):  # a failing torch.compile drops out of self.names
             if not applies(name, case):
@@ -289,7 +289,7 @@ class Bench:
             try:
                 self._measure(name, case, sets, expected, rec)
             except Exception as e:  # one failing backend must not end the report
-                rec["error"] = _error_text(e)
+                rec["error"] = error_text(e)
                 if name == "reference_compiled":
                     self.names.remove(name)
                     self.notes.append(f"torch.compile of the reference failed, not timed further: {rec['error']}")
@@ -305,7 +305,7 @@ class Bench:
         call = self._call(name, case)
         t0 = time.perf_counter()
         out = call(*sets[0])  # first call: JIT / torch.compile happen here
-        _sync(self.device)
+        sync(self.device)
         rec["first_call_s"] = time.perf_counter() - t0
         if name == "reference_compiled":
             self.compile_s += rec["first_call_s"]
@@ -319,7 +319,7 @@ class Bench:
             try:
                 rec["graph_us"] = graph_us(call, sets, self.cfg.graph_replays)
             except Exception as e:  # not capturable: report it, keep the eager numbers
-                rec["graph_error"] = _error_text(e)
+                rec["graph_error"] = error_text(e)
                 self.notes.append(f"{case.label} {name}: CUDA graph capture failed: {rec['graph_error']}")
                 self.failed = True
         if name == "reference_compiled" and self.compile_s > COMPILE_BUDGET_S:
@@ -327,11 +327,11 @@ class Bench:
             self.notes.append(f"torch.compile took {self.compile_s:.0f} s in all: not timed after {case.label}")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _error_text(e: Exception) -> str:
+def error_text(e: Exception) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first}"[:300]
 
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     add_derived(bench.records, copy_bps)
     env = environment(device, argv, copy_bps)
     env["inputs"] = (
-        f"{_dtype_name(bench.token_dtype)} tokens, {_dtype_name(bench.attn_dtype)} attention, strategy 'rank'"
+        f"{dtype_name(bench.token_dtype)} tokens, {dtype_name(bench.attn_dtype)} attention, strategy 'rank'"
     )
     env["wall_s"] = time.perf_counter() - t0
     bench.notes.append(f"whole run: {env['wall_s']:.0f} s")

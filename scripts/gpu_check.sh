@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, from the repository root of a GPU host:
-#   (a) environment  (b) build the extension in place  (c) tests/  (d) benchmark report
-#   (e) compute-sanitizer memcheck + racecheck on tests/sanitizer_case.py  (f) summary.
+#   (a) environment  (b) build the extension in place  (c) tests/  (d) benchmark reports (the
+#   map-path ops; the q/k path, ragged batches and LLaVA end to end)  (e) compute-sanitizer memcheck
+#   + racecheck on tests/sanitizer_case*.py  (f) summary.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick] [--skip STEP[,STEP...]] [--dry-run]
 #
-# Steps: env, build, tests, bench, memcheck, racecheck. Each step runs under `timeout`, logs into
+# Steps: env, build, tests, bench, serving, memcheck, racecheck. Each step runs under `timeout`, logs into
 # OUTDIR/gpu_check.log and goes on past failures; a step's timeout is cut so that none runs past
-# GPU_CHECK_BUDGET_S seconds from the start (default 450: the whole run stays under 8 minutes).
-# OUTDIR receives six files: gpu_check.log, summary.txt, junit.xml, report.md, report.json,
-# latency.png (the device tool brings back at most 8). Exit status 1 if a step failed or timed out.
+# GPU_CHECK_BUDGET_S seconds from the start (default 470: the whole run stays under 8 minutes).
+# OUTDIR receives eight files: gpu_check.log, summary.txt, junit.xml, report.md, report.json,
+# latency.png, serving.md, serving.json. Exit status 1 if a step failed or timed out.
 #   PYTHON              interpreter (default python3)
-#   GPU_CHECK_BUDGET_S  seconds for the whole run (default 450)
+#   GPU_CHECK_BUDGET_S  seconds for the whole run (default 470)
 #   --quick             bench --quick;  --skip build,bench  skips steps;  --dry-run logs the steps only
 set -u -o pipefail
 
@@ -36,7 +37,7 @@ LOG=$OUTDIR/gpu_check.log
 SUMMARY=$OUTDIR/summary.txt
 : >"$LOG"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 export PYTHONUNBUFFERED=1
 RESULTS=()
 
@@ -75,7 +76,7 @@ step() {
 }
 
 # (a) environment
-step env 60 "rc=0; nvidia-smi || rc=1
+step env 30 "rc=0; nvidia-smi || rc=1
 $PY -c 'import sys, torch
 print(sys.version)
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)
@@ -101,7 +102,7 @@ EOF
 )
 [ -n "$NVINC" ] && export CPATH=$NVINC${CPATH:+:$CPATH}
 echo "CPATH=${CPATH:-}" >>"$LOG"
-step build 240 "FOPRU_BUILD_CUDA=1 FOPRU_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
+step build 180 "FOPRU_BUILD_CUDA=1 FOPRU_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
 $PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda kernels:\", F.HAS_CUDA_KERNELS, \"backends:\", F.available_backends(\"cuda\")); assert F.HAS_CUDA_KERNELS, \"built without the CUDA kernels\"'"
 
 # (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease)
@@ -109,21 +110,23 @@ PYTEST_OPTS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
 # Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
-step tests 210 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py -q -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
+step tests 150 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py -q -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 
-# (d) benchmark report: report.md, report.json, latency.png
-step bench 180 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"
+# (d) benchmark reports: report.md, report.json, latency.png; serving.md, serving.json
+step bench 100 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"
+step serving 100 "$PY -m fopru_kernels.bench_serving --out '$OUTDIR' $QUICK"
 
 # (e) compute-sanitizer; no caching allocator, so an out-of-bounds access inside a cached block is seen
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+CASES=$(ls tests/sanitizer_case*.py 2>/dev/null | tr '\n' ' ')
 for tool in memcheck racecheck; do
-    if [ ! -f tests/sanitizer_case.py ]; then
-        RESULTS+=("$tool|SKIP|0|tests/sanitizer_case.py missing"); echo "[$tool] SKIP (no tests/sanitizer_case.py)"; continue
+    if [ -z "$CASES" ]; then
+        RESULTS+=("$tool|SKIP|0|tests/sanitizer_case*.py missing"); echo "[$tool] SKIP (no tests/sanitizer_case*.py)"; continue
     fi
     if [ ! -x "$SANITIZER" ]; then
         RESULTS+=("$tool|SKIP|0|compute-sanitizer not found"); echo "[$tool] SKIP (no compute-sanitizer)"; continue
     fi
-    step $tool 90 "PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 1 $PY tests/sanitizer_case.py"
+    step $tool 50 "rc=0; for c in $CASES; do PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 1 $PY \$c || rc=1; done; exit \$rc"
 done
 
 # (f) summary
@@ -139,6 +142,7 @@ done
     if [ -f "$OUTDIR/report.md" ]; then
         sed -n '/^## Targets/,/^## Results/p' "$OUTDIR/report.md" | grep '^| [a-z]' | grep -v '^| backend'
     fi
+    [ -f "$OUTDIR/serving.md" ] && grep -E '\| (met|\*\*not met\*\*) \|' "$OUTDIR/serving.md"
 } >"$SUMMARY"
 printf '\n===== summary\n' >>"$LOG"
 cat "$SUMMARY" >>"$LOG"

@@ -1,0 +1,129 @@
+"""Smoke test of the serving benchmarks (fopru_kernels/bench_serving.py, issues 5 and 6).
+
+On a CPU the benchmark runs every section with tiny shapes and a host timer: this proves that each
+benchmark function runs end to end and that the report holds every number the GPU run will fill,
+so `scripts/gpu_check.sh` does not discover a broken harness on the device. It measures nothing.
+"""
+import json
+
+import pytest
+import torch
+
+import fopru_kernels as F
+from fopru_kernels import bench_serving as bs
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops on a loaded shared CPU: a second OpenMP thread only adds scheduling waits (measured
+    here: 8 ms per tiny Linear with 2 threads under load, 0.1 ms with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_plan_is_the_benchmarks_the_issues_ask_for():
+    for quick in (False, True):
+        plan = bs.gpu_plan(quick)
+        assert (plan.qk.H, plan.qk.S, plan.qk.d, plan.qk.D, plan.qk.keep) == (16, 577, 64, 1024, 144)
+        assert 32 in plan.qk.batches
+        assert set(plan.llava.keeps) <= {576, 288, 144, 64} and 576 in plan.llava.keeps and 1 in plan.llava.batches
+    full = bs.gpu_plan(False)
+    assert full.qk.batches == (1, 32)
+    assert (full.llava.batches, full.llava.keeps) == ((1, 8), (576, 288, 144, 64))
+    assert full.llava.vision["image_size"] // full.llava.vision["patch_size"] == 24  # 576 patches
+    assert (full.llava.text["hidden_size"], full.llava.text["num_hidden_layers"]) == (4096, 32)
+
+
+@pytest.mark.parametrize("plan", [bs.gpu_plan(False), bs.tiny_plan(False)], ids=["gpu", "tiny"])
+def test_varlen_dense_comparison_has_the_same_total(plan):
+    shape = plan.varlen
+    b, (rows, cols) = len(shape.grids), shape.dense_grid
+    assert b == 8
+    assert sum(shape.sizes) == b * rows * cols
+    assert sum(shape.keeps) == b * shape.dense_keep
+    assert len(set(shape.sizes)) > 2  # mixed sizes
+
+
+def test_sdpa_lse_is_the_natural_log_row_logsumexp():
+    q, k, v = torch.randn(3, 2, 2, 17, 8).unbind(0)
+    out, lse, source = bs.sdpa_with_lse(q, k, v)
+    assert lse.shape == (2, 2, 17) and lse.dtype == torch.float32
+    assert bs.lse_error(q, k, lse) < 1e-3, source
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def _records_have_no_error(obj) -> bool:
+    return not bs._has_error(obj)
+
+
+def test_every_section_runs_on_cpu_and_reports(tmp_path):
+    assert bs.main(["--out", str(tmp_path), "--device", "cpu", "--quick"]) == 0
+    data = json.loads((tmp_path / "serving.json").read_text())
+    report = (tmp_path / "serving.md").read_text()
+    plan = bs.tiny_plan(quick=True)
+    backends = bs.backends_for(CPU)
+
+    env = data["environment"]
+    assert env["device_type"] == "cpu" and env["backends"] == backends
+    assert env["command"].startswith("python -m fopru_kernels.bench_serving")
+    assert set(env["kernels"]) == set(bs.SERVING_OPS)
+
+    qk = data["qk"]
+    assert _records_have_no_error(qk)
+    assert qk["lse_max_err"] < 1e-3
+    for b in plan.qk.batches:
+        sdpa = [r for r in qk["records"] if r["op"] == "sdpa" and r["B"] == b]
+        assert len(sdpa) == 1 and sdpa[0]["us"] > 0
+        for label, *_ in bs.QK_VARIANTS:
+            for backend in backends:
+                for op in ("significance_qk", "prune_tokens_qk"):
+                    (rec,) = [r for r in qk["records"] if (r["B"], r["op"], r["variant"], r["backend"]) == (b, op, label, backend)]
+                    assert rec["us"] > 0 and rec["pct_sdpa"] == pytest.approx(100 * rec["us"] / sdpa[0]["us"])
+                    assert rec["sig_max_err"] < 1e-3  # the harness passes the oracle's arguments
+    assert [m["B"] for m in qk["memory"]] == list(plan.qk.batches)
+    for m in qk["memory"]:
+        assert len(m["rows"]) == len(bs.QK_VARIANTS) * len(backends)
+        assert all(r["map_path_bytes"] is None for r in m["rows"])  # no allocator peak on a CPU
+
+    varlen = data["varlen"]
+    assert _records_have_no_error(varlen)
+    assert [(r["strategy"], r["backend"]) for r in varlen["records"]] == [
+        (s, b) for s in ("rank", "row") for b in backends
+    ]
+    for r in varlen["records"]:
+        assert all(r[name]["us"] > 0 for name in ("varlen", "dense", "loop"))
+        assert r["ratio_dense"] == pytest.approx(r["varlen"]["us"] / r["dense"]["us"])
+
+    llava = data["llava"]
+    if "skipped" in llava:
+        pytest.importorskip("transformers")  # skipped only when transformers is missing
+    assert _records_have_no_error(llava)
+    for b in plan.llava.batches:
+        rows = [r for r in llava["records"] if r["B"] == b]
+        assert [r["keep"] for r in rows] == [None, *plan.llava.keeps]
+        for r in rows[1:]:
+            assert r["image_tokens_per_row"] == [r["keep"]]  # the language model gets `keep` image tokens
+            assert r["ttft_us"] > 0 and r["prune"]["us"] > 0
+            assert r["prune_share_pct"] == pytest.approx(100 * r["prune"]["us"] / r["ttft_us"])
+
+    for heading in ("## 1. Significance from q and k", "## 2. Ragged batches", "## 3. LLaVA"):
+        assert heading in report
+    assert "n/a (CPU smoke run)" in report and "| error" not in report
+
+
+def test_a_failing_measurement_is_reported_not_raised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(F, "prune_tokens_varlen", broken)
+    res = bs.bench_varlen(bs.tiny_plan(True), CPU, bs.backends_for(CPU), copy_bps=1e10)
+    assert all(r["varlen"]["error"] == "RuntimeError: kernel exploded" for r in res["records"])
+    assert all("us" in r["dense"] for r in res["records"])
+    assert bs._has_error(res)
+    env = {"device": "cpu", "device_type": "cpu", "torch": "t", "cuda": None, "triton": "t", "python": "3",
+           "date": "d", "command": "c", "backends": ["cpu"], "copy_GBps": 10.0, "kernels": {}}
+    assert "| error |" in bs.markdown(env, {"varlen": res}, [])

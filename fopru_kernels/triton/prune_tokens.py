@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -173,11 +174,11 @@ def _select_units(key, valid, count, RADIX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(tokens_ptr, out_ptr, b, k, tok, kmask, keep, D,
-                 s_tb, s_tn, s_td, BLOCK_D: tl.constexpr):
-    """out[b, k, :] = tokens[b, tok, :] for the rows k of one program (k, tok: int64 vectors)."""
-    src = tokens_ptr + b * s_tb + tok[:, None] * s_tn
-    dst = out_ptr + (b * keep + k)[:, None] * D
+def _gather_rows(src_ptr, dst_ptr, k, tok, kmask, D, s_tn, s_td, BLOCK_D: tl.constexpr):
+    """dst[k, :] = src[tok, :] for the rows k of one program (k, tok: int64 vectors); src rows
+    have strides (s_tn, s_td), dst rows are contiguous rows of D."""
+    src = src_ptr + tok[:, None] * s_tn
+    dst = dst_ptr + k[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         m = kmask[:, None] & (d[None, :] < D)
@@ -315,7 +316,7 @@ def _prune_fused_kernel(
     src = tl.sum(tl.where(slot[None, :] == k[:, None], tok[None, :], 0), axis=1)
     k = k.to(tl.int64)
     tl.store(idx_ptr + b * keep + k, src, mask=kmask)
-    _gather_rows(tokens_ptr, out_ptr, b, k, src, kmask, keep, D, s_tb, s_tn, s_td, BLOCK_D)
+    _gather_rows(tokens_ptr + b * s_tb, out_ptr + b * keep * D, k, src, kmask, D, s_tn, s_td, BLOCK_D)
 
 
 @triton.jit
@@ -330,12 +331,21 @@ def _unit_keys(sig_ptr, s_sn, u, valid, W, X_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select_kernel(sig_ptr, idx_ptr, s_sb, s_sn, units, W, count, keep,
-                   UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """idx[b] for any N: the selection of _select_units, looping over chunks of units held in
-    global memory (sig with any strides). Grid (B,)."""
-    b = tl.program_id(0).to(tl.int64)
-    sig = sig_ptr + b * s_sb
+def _chunk_rel(sig, s_sn, u0, units, W, lo, UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr):
+    """The chunk of units u = u0 + arange(UNIT_BLOCK) (int64): (u, u < units, the distance of
+    each valid unit's key from lo)."""
+    u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
+    valid = u < units
+    return u, valid, _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+
+
+@triton.jit
+def _threshold(sig, s_sn, units, W, count,
+               UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The radix search of _select_units over units held in global memory (sig with element
+    stride s_sn, keys from _unit_keys), looping over chunks: returns (lo, off, above) with lo the
+    smallest key, off the count-th largest key's distance from lo, and above the number of units
+    strictly beyond it. units == 0 gives no pass."""
     lo = tl.full([], INT64_MAX, tl.int64)
     hi = tl.full([], INT64_MIN, tl.int64)
     for u0 in range(0, units, UNIT_BLOCK):
@@ -344,32 +354,38 @@ def _select_kernel(sig_ptr, idx_ptr, s_sb, s_sn, units, W, count, keep,
         key = _unit_keys(sig, s_sn, u, valid, W, X_BLOCK)
         lo = tl.minimum(lo, tl.min(tl.where(valid, key, INT64_MAX), axis=0))
         hi = tl.maximum(hi, tl.max(tl.where(valid, key, INT64_MIN), axis=0))
+    lo = tl.where(units > 0, lo, 0)  # no keys: an empty range, not INT64_MIN - INT64_MAX
+    hi = tl.where(units > 0, hi, 0)
 
     off = tl.full([], 0, tl.uint64)
-    shift = _first_shift(lo, hi, RADIX_BITS)
+    shift = tl.where(units > 0, _first_shift(lo, hi, RADIX_BITS), -1)
     while shift >= 0:
         hist = tl.zeros([1 << RADIX_BITS], tl.int32)
         for u0 in range(0, units, UNIT_BLOCK):
-            u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
-            valid = u < units
-            rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+            _, valid, rel = _chunk_rel(sig, s_sn, u0, units, W, lo, UNIT_BLOCK, X_BLOCK)
             hist += _digit_hist(rel, valid, off, shift, RADIX_BITS)
         off, exact = _next_offset(off, hist, count, shift, RADIX_BITS)
         shift = tl.where(exact, -1, shift - RADIX_BITS)
 
     above = 0
     for u0 in range(0, units, UNIT_BLOCK):
-        u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
-        valid = u < units
-        rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+        _, valid, rel = _chunk_rel(sig, s_sn, u0, units, W, lo, UNIT_BLOCK, X_BLOCK)
         above += tl.sum((valid & (rel > off)).to(tl.int32), axis=0)
+    return lo, off, above
 
+
+@triton.jit
+def _select_kernel(sig_ptr, idx_ptr, s_sb, s_sn, units, W, count, keep,
+                   UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """idx[b] for any N: the selection of _select_units, looping over chunks of units held in
+    global memory (sig with any strides). Grid (B,)."""
+    b = tl.program_id(0).to(tl.int64)
+    sig = sig_ptr + b * s_sb
+    lo, off, above = _threshold(sig, s_sn, units, W, count, UNIT_BLOCK, X_BLOCK, RADIX_BITS)
     ties_before = 0
     kept_before = 0
     for u0 in range(0, units, UNIT_BLOCK):
-        u = u0 + tl.arange(0, UNIT_BLOCK).to(tl.int64)
-        valid = u < units
-        rel = _relative(_unit_keys(sig, s_sn, u, valid, W, X_BLOCK), valid, lo)
+        u, valid, rel = _chunk_rel(sig, s_sn, u0, units, W, lo, UNIT_BLOCK, X_BLOCK)
         slot, ties, kept = _slots(rel, valid, off, count - above, ties_before, kept_before)
         for x0 in range(0, W, X_BLOCK):
             x = x0 + tl.arange(0, X_BLOCK)
@@ -389,7 +405,7 @@ def _gather_kernel(tokens_ptr, idx_ptr, out_ptr, keep, D, s_tb, s_tn, s_td, chun
     k = (pid % chunks).to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
     kmask = k < keep
     tok = tl.load(idx_ptr + b * keep + k, mask=kmask, other=0)
-    _gather_rows(tokens_ptr, out_ptr, b, k, tok, kmask, keep, D, s_tb, s_tn, s_td, BLOCK_D)
+    _gather_rows(tokens_ptr + b * s_tb, out_ptr + b * keep * D, k, tok, kmask, D, s_tn, s_td, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -508,11 +524,21 @@ def select(sig: torch.Tensor, keep: int, strategy: str, rows: int, cols: int) ->
     return idx
 
 
-def prune_tokens(
-    tokens: torch.Tensor, attn: torch.Tensor, keep: int, strategy: str, score: str,
-    num_prefix: int, rows: int, cols: int,
+def _launch_prune(
+    tokens: torch.Tensor, keep: int, strategy: str, cols: int, num_prefix: int,
+    staged_sig: Callable[[], torch.Tensor],
+    fused_inputs: Callable[[], tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens (B, N, D), attn (B, H, Q, num_prefix + N) -> pruned (B, keep, D), idx (B, keep)."""
+    """Selection + gather of tokens (B, N, D) -> pruned (B, keep, D), idx (B, keep) int64, on a
+    significance the caller computes only for the path taken (prune_tokens here, prune_tokens_qk
+    in significance_qk.py):
+
+    - the token tile fits (at most _MAX_TILE): fused_inputs() -> (score, attn, col, row) feeds one
+      _prune_fused_kernel launch. score "cls" reads the CLS row of attn (B, H, Q, num_prefix + N),
+      col and row None; "received" selects on col (B, N) int64 as given and "focal" picks col or
+      row (B, N) int64 by variance, attn None for both.
+    - else staged_sig() -> sig (B, N) int64 feeds _select_kernel, then _gather_kernel.
+    """
     b, n, d = tokens.shape
     out = torch.empty(b, keep, d, dtype=tokens.dtype, device=tokens.device)
     idx = torch.empty(b, keep, dtype=torch.int64, device=tokens.device)
@@ -522,30 +548,46 @@ def prune_tokens(
     per_prog = _rows_per_program(b, keep, tokens.device)
     chunks = triton.cdiv(keep, per_prog)
     block_d = _block_d(d, per_prog)
+    unit_block, w_block = _pow2(units), _pow2(w)
+    tile = unit_block * w_block
     with _device_of(tokens):
-        unit_block, w_block = _pow2(units), _pow2(w)
-        tile = unit_block * w_block
         if tile > _MAX_TILE:
-            sig = significance(attn, score, num_prefix)
-            _launch_select(sig, idx, keep, strategy, cols)
+            _launch_select(staged_sig(), idx, keep, strategy, cols)
             _gather_kernel[(b * chunks,)](
                 tokens, idx, out, keep, d, *tokens.stride(), chunks,
                 ROWS_PER_PROGRAM=per_prog, BLOCK_D=block_d,
             )
             return out, idx
-        h = attn.shape[1]
-        if score == "cls":
-            col = row = attn  # unused
-        else:
-            sums = _map_sums(attn, num_prefix, rows=score == "focal")
-            col, row = sums[0], sums[-1]
-        head_block = min(_pow2(h), _HEAD_BLOCK, max(1, _HEAD_TILE // tile))
+        score, attn, col, row = fused_inputs()
+        if attn is None:  # attn_ptr, H, P and the attn strides are read only on the cls path
+            attn, h, p, attn_strides, head_block = col, 1, 0, (0, 0, 0), 1
+        else:  # cls: col_ptr and row_ptr are not read
+            col = row = attn
+            h, p = attn.shape[1], num_prefix
+            attn_strides = attn.stride(0), attn.stride(1), attn.stride(3)
+            head_block = min(_pow2(h), _HEAD_BLOCK, max(1, _HEAD_TILE // tile))
         _prune_fused_kernel[(b * chunks,)](
             tokens, attn, col, row, out, idx,
-            n, d, h, num_prefix, units, w, keep, chunks,
-            *tokens.stride(), attn.stride(0), attn.stride(1), attn.stride(3),
+            n, d, h, p, units, w, keep, chunks,
+            *tokens.stride(), *attn_strides,
             SCORE=_SCORE_CODES[score], UNIT_BLOCK=unit_block, W_BLOCK=w_block,
             HEAD_BLOCK=head_block, ROWS_PER_PROGRAM=per_prog, BLOCK_D=block_d, RADIX_BITS=_RADIX_BITS,
             num_warps=_fused_warps(tile),
         )
     return out, idx
+
+
+def prune_tokens(
+    tokens: torch.Tensor, attn: torch.Tensor, keep: int, strategy: str, score: str,
+    num_prefix: int, rows: int, cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, N, D), attn (B, H, Q, num_prefix + N) -> pruned (B, keep, D), idx (B, keep)."""
+
+    def fused_inputs():
+        if score == "cls":
+            return score, attn, None, None
+        sums = _map_sums(attn, num_prefix, rows=score == "focal")
+        return score, None, sums[0], sums[-1]
+
+    return _launch_prune(tokens, keep, strategy, cols, num_prefix,
+                         lambda: significance(attn, score, num_prefix), fused_inputs)

@@ -203,3 +203,23 @@ def test_prune_tokens_varlen_errors(name, backend):
     over, pattern = VARLEN_ERRORS[name]
     with pytest.raises(ValueError, match=pattern):
         F.prune_tokens_varlen(**_varlen_args(**over), backend=backend)
+
+
+# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp): the same texts. The
+# values of cu_seqlens are not checked there (that would be a sync), so those cases stay CPU-only.
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n in QK_ERRORS if n != "heads"])
+def test_prune_tokens_qk_errors_cuda(name, cuda_device):
+    over, pattern = QK_ERRORS[name]
+    args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _qk_args(**over).items()}
+    with pytest.raises(ValueError, match=pattern):
+        F.prune_tokens_qk(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n in VARLEN_ERRORS if n not in ("cu-start", "cu-end", "cu-decreasing", "keep-large", "grid-product")])
+def test_prune_tokens_varlen_errors_cuda(name, cuda_device):
+    over, pattern = VARLEN_ERRORS[name]
+    args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _varlen_args(**over).items()}
+    with pytest.raises(ValueError, match=pattern):
+        F.prune_tokens_varlen(**args)

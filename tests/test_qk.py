@@ -370,6 +370,29 @@ def test_cases_gpu(gpu, backend, c):
     check_case(c, backend, gpu)
 
 
+# The GPU kernels' tile edges: N across 64-wide key blocks and key-block groups (80, 300), d not a
+# multiple of 16 (zero-padded fragments), every dtype (mma for 16-bit, FMA for float32), strided.
+TILE_EDGES = [
+    QKCase(B=2, N=n, H=2, d=d, P=p, keep=n // 4, score=score, kind=kind, dtype=dt, layout=layout,
+           strided=i % 2 == 1, given_lse=kind == "prob" and i % 3 == 0, seed=100 + i)
+    for i, (n, d, p, score, kind, dt, layout) in enumerate([
+        (80, 40, 1, "received", "prob", torch.float16, "bhsd"),
+        (80, 24, 0, "focal", "prob", torch.bfloat16, "bshd"),
+        (300, 40, 2, "focal", "prob", torch.float32, "bhsd"),
+        (300, 64, 1, "received", "prob", torch.bfloat16, "bshd"),
+        (300, 24, 1, "cls", "prob", torch.float16, "bshd"),
+        (300, 40, 1, "focal", "logit", torch.float32, "bshd"),
+    ])
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("c", TILE_EDGES, ids=[c.id() for c in TILE_EDGES])
+def test_tile_edges_gpu(gpu, backend, c):
+    check_case(c, backend, gpu)
+
+
 # B = 32 once (the float64 oracle of 32 images takes ~20 s); B = 8 runs the same launch paths.
 LLAVA_GPU = [(1, "cls", "rank", "prob"), (1, "focal", "row", "prob"), (1, "focal", "rank", "logit"),
              (8, "cls", "rank", "logit"), (8, "received", "rank", "prob"), (32, "focal", "row", "prob"),

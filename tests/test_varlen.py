@@ -291,6 +291,26 @@ def test_batches_gpu(cuda_device, c):
         check_batch(c, backend, cuda_device)
 
 
+# The CUDA kernel's own paths: an image whose keys do not fit shared memory next to small ones,
+# a 128 x 128 row grid, more images than one launch takes (256), each also down the global-memory
+# key path (FOPRU_CUDA_FORCE_GLOBAL_KEYS=1, read on every call).
+CUDA_PATHS = [
+    Batch(sizes=(16384, 64, 64, 64), keep=(4096, 16, 0, 64), D=8, seed=10),
+    _row_batch([(128, 128), (8, 8)], [32, 2], D=8, seed=11),
+    Batch(sizes=(3,) * 300, keep=(1,) * 300, D=4, values="quantised", seed=12),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("force_global", ["0", "1"])
+@pytest.mark.parametrize("c", CUDA_PATHS, ids=[c.id() for c in CUDA_PATHS])
+def test_cuda_kernel_paths(cuda_device, monkeypatch, c, force_global):
+    if not F.HAS_CUDA_KERNELS:
+        pytest.skip("needs the library's CUDA kernels")
+    monkeypatch.setenv("FOPRU_CUDA_FORCE_GLOBAL_KEYS", force_global)
+    check_batch(c, "cuda", cuda_device)
+
+
 @pytest.mark.cuda
 def test_fuzz_gpu(cuda_device):
     gen = torch.Generator().manual_seed(0)

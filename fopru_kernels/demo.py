@@ -79,4 +79,23 @@ def main(argv: list[str]) -> int:
         )
     if "cpu" not in ops.available_backends("cpu"):
         print("(build the C++ library with `make build` to time the C++ kernel)")
+    ragged(tokens, attn)
     return 0
+
+
+def ragged(tokens: torch.Tensor, attn: torch.Tensor) -> None:
+    """A serving-style packed batch: image 0 whole, image 1 as its top-left 12 x 24 half, in one call."""
+    sig = ops.significance(attn, "focal")
+    half = ROWS // 2 * COLS
+    packed_tokens = torch.cat([tokens[0], tokens[1, :half]])
+    packed_sig = torch.cat([sig[0], sig[1, :half]])
+    cu_seqlens = torch.tensor([0, N, N + half])
+    keep = [KEEP, KEEP // 2]
+    pruned, idx, cu_out = ops.prune_tokens_varlen(packed_tokens, packed_sig, cu_seqlens, keep)
+    same = True
+    for b, k in enumerate(keep):  # each image's slice is the dense selection of its own segment
+        lo, hi = cu_seqlens[b], cu_seqlens[b + 1]
+        same &= torch.equal(idx[cu_out[b]:cu_out[b + 1]] - lo, ops.select(packed_sig[None, lo:hi], k)[0])
+    print(f"\nragged batch: T={packed_tokens.shape[0]} tokens of 2 images ({N} + {half}), keep={keep} -> "
+          f"pruned {tuple(pruned.shape)}, cu_seqlens_out={cu_out.tolist()}; "
+          f"equals select() per image: {'yes' if same else 'NO'}")

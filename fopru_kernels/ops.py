@@ -73,15 +73,11 @@ if not HAS_LIBRARY:
         "CPU",
     )
     _def.impl("prune_tokens_varlen", reference.prune_tokens_varlen, "CPU")
+    # The q/k ops' CPU kernel is C++ (csrc/cpu/significance_qk.cpp); without it, the float64 oracle.
+    _def.impl("significance_qk", reference_qk.significance_qk, "CPU")
+    _def.impl("prune_tokens_qk", reference_qk.prune_tokens_qk, "CPU")
     for _name in SCHEMAS:  # inference-only, as in C++: outputs never require grad
         _def.impl(_name, torch.library.fallthrough_kernel, "Autograd")
-
-# The q/k ops have no C++ CPU kernel: on CPU tensors they run the float64 oracle (SPEC.md allows
-# the q/k path to round differently per backend; their selection and gather stay exact).
-_qk_cpu = torch.library.Library("fopru", "IMPL")
-_libs.append(_qk_cpu)
-_qk_cpu.impl("significance_qk", reference_qk.significance_qk, "CPU")
-_qk_cpu.impl("prune_tokens_qk", reference_qk.prune_tokens_qk, "CPU")
 
 
 def _has_cuda_kernel(name: str) -> bool:

@@ -1,5 +1,5 @@
-"""Significance from q and k (SPEC.md "Significance from q and k"): the Triton and CUDA kernels
-against the float64 oracle reference_qk.py.
+"""Significance from q and k (SPEC.md "Significance from q and k"): the C++ CPU, Triton and CUDA
+kernels against the float64 oracle reference_qk.py.
 
 The kernels form every value in float32, so `sig` may differ from the oracle's by rounding; SPEC.md
 asks for a stated bound on that and exact indices wherever the oracle's selection margin exceeds it.
@@ -26,8 +26,9 @@ the largest bound (summed over a row for row) and any focal choice is decisive. 
 must have at least one image so checked, so no case passes vacuously. The kernel's own idx must
 also equal the exact selection of its own sig, and pruned its tokens gathered at idx, bit for bit.
 
-Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors (small shapes, plus the GPU launch
-shapes forced through the launchers' knobs); with a GPU, "triton" and "cuda" run the same cases,
+The C++ CPU kernel ("cpu": float32 dots summed in order of d, float64 sums of means and of exp)
+runs the CPU cases whenever the library is built; under TRITON_INTERPRET=1 the Triton kernels run
+them too (small shapes, plus the GPU launch shapes forced through the launchers' knobs); with a GPU, "triton" and "cuda" run the same cases,
 LLaVA-sized ones, CUDA graph capture and replay, and torch.compile. Nothing here touches the GPU at
 import or collection time.
 """
@@ -270,6 +271,14 @@ def interpreter():
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported (the Makefile sets it)")
 
 
+# Backends of the CPU-tensor tests: the C++ kernel, and Triton under the interpreter.
+CPU_BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")),
+]
+
+
 @pytest.fixture
 def gpu(cuda_device):
     if INTERPRETED:
@@ -289,18 +298,28 @@ def llava(b: int, score: str, strategy: str, kind: str, **kw) -> QKCase:
                   grid=(24, 24), dtype=torch.float16).with_(**kw)
 
 
-# ----------------------------------------------------------------------------- interpreter
+# ----------------------------------------------------------------------------- CPU tensors
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("c", CASES, ids=[c.id() for c in CASES])
-def test_cases(interpreter, c):
-    check_case(c, "triton")
+def test_cases(backend, c):
+    check_case(c, backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("score,kind", [("cls", "prob"), ("focal", "prob"), ("focal", "logit")])
-def test_llava_sized(interpreter, score, kind):
+def test_llava_sized(backend, score, kind):
     """S = 577 (odd, several tiles of every kernel) with LLaVA's head dim, fewer heads."""
-    check_case(llava(1, score, "rank", kind, H=2, layout="bshd"), "triton")
+    check_case(llava(1, score, "rank", kind, H=2, layout="bshd"), backend)
+
+
+@pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
+@pytest.mark.parametrize("score,strategy,kind,given_lse", [
+    ("cls", "rank", "prob", True), ("focal", "row", "prob", False), ("received", "rank", "logit", False)])
+def test_llava_cpu(score, strategy, kind, given_lse):
+    """The C++ kernel at LLaVA-1.5's full size (16 heads), where the interpreter would be too slow."""
+    check_case(llava(2, score, strategy, kind, layout="bshd", given_lse=given_lse), "cpu")
 
 
 LAUNCH_SHAPES = [
@@ -327,10 +346,11 @@ def test_gpu_launch_shapes(interpreter, monkeypatch, c, staged):
     check_case(c, "triton")
 
 
-def test_empty_batch(interpreter):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
     tokens, q, k, _ = make_qk(QKCase(B=0, N=16))
-    assert F.significance_qk(q, k, backend="triton").shape == (0, 16)
-    pruned, idx = F.prune_tokens_qk(tokens, q, k, 4, backend="triton")
+    assert F.significance_qk(q, k, backend=backend).shape == (0, 16)
+    pruned, idx = F.prune_tokens_qk(tokens, q, k, 4, backend=backend)
     assert pruned.shape == (0, 4, 8) and idx.shape == (0, 4)
 
 
@@ -354,10 +374,11 @@ def _materialised_check(c: QKCase, device, backend: str) -> None:
     assert torch.equal(pruned.cpu()[wide], map_pruned.cpu()[wide])
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("strategy", ["rank", "row"])
-def test_matches_materialised_softmax(interpreter, strategy):
+def test_matches_materialised_softmax(backend, strategy):
     _materialised_check(QKCase(B=2, N=49, H=3, d=32, P=1, keep=14, strategy=strategy, score="cls",
-                               dtype=torch.float32), "cpu", "triton")
+                               dtype=torch.float32), "cpu", backend)
 
 
 # ----------------------------------------------------------------------------- GPU

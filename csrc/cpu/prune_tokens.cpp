@@ -173,16 +173,7 @@ void finish_map(const SigArgs& a, const int64_t* partials, int64_t chunks, const
     for (int64_t j = 0; j < a.N; ++j) sig[j] += partials[c * a.N + j];
   }
   if (a.score == Score::kReceived) return;
-  double total = 0;
-  for (int64_t j = 0; j < a.N; ++j) total += static_cast<double>(sig[j]);
-  const double m = total / static_cast<double>(a.N);
-  double vc = 0, vr = 0;
-  for (int64_t j = 0; j < a.N; ++j) {
-    const double dc = static_cast<double>(sig[j]) - m, dr = static_cast<double>(row[j]) - m;
-    vc += dc * dc;
-    vr += dr * dr;
-  }
-  if (!focal_use_col(vc, vr)) std::copy(row, row + a.N, sig);
+  if (!cpu::focal_prefers_col(sig, row, a.N)) std::copy(row, row + a.N, sig);
 }
 
 // pruned[b, k, :] = tokens[b, idx[k], :].

@@ -1,5 +1,6 @@
-// Selection and gather shared by the CPU kernels (prune_tokens.cpp, prune_tokens_varlen.cpp):
-// SPEC.md "Selection" on one image's int64 significance, and the bit-exact row copy.
+// Selection and gather shared by the CPU kernels (prune_tokens.cpp, prune_tokens_varlen.cpp,
+// significance_qk.cpp): SPEC.md's focal choice and "Selection" on one image's int64 significance,
+// and the bit-exact row copy.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -11,6 +12,21 @@
 #include "../ops.h"
 
 namespace fopru::cpu {
+
+// SPEC.md's focal rule for one image: true when the column sums col[0..n) have the larger float64
+// variance about their mean than the row sums row[0..n) (ties go to the rows).
+inline bool focal_prefers_col(const int64_t* col, const int64_t* row, int64_t n) {
+  double total = 0;
+  for (int64_t j = 0; j < n; ++j) total += static_cast<double>(col[j]);
+  const double m = total / static_cast<double>(n);
+  double vc = 0, vr = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double dc = static_cast<double>(col[j]) - m, dr = static_cast<double>(row[j]) - m;
+    vc += dc * dc;
+    vr += dr * dr;
+  }
+  return focal_use_col(vc, vr);
+}
 
 // The `count` largest of score[0..n) (ties to the lower index), written to out in index order.
 // nth_element finds the count-th (score, index) pair; everything ranking before it is kept.

@@ -1,4 +1,5 @@
-"""transformers adapters (issues 5, 6): q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA generate().
+"""transformers adapters (issues 5, 6): q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA and
+LLaVA-NeXT generate().
 
 Every model is a tiny one built from a config in code with random weights (no downloads). The q/k
 path is checked against the attention-map path (the same tower run eager with output_attentions):
@@ -14,6 +15,7 @@ from fopru_kernels.integrations.transformers import (  # imports transformers on
     QKCapture,
     apply_fopru,
     compact_rows,
+    keep_placeholder_runs,
     keep_placeholders,
     prune_vision_features,
     remove_fopru,
@@ -264,10 +266,17 @@ def test_llava_rejects_a_call_that_overrides_the_scored_layer():
 
 
 def test_apply_fopru_rejects_unsupported_models_and_keep():
-    with pytest.raises(ValueError, match="supports LlavaForConditionalGeneration and LlavaModel"):
+    with pytest.raises(ValueError, match="supports LlavaForConditionalGeneration, LlavaModel, LlavaNext"):
         apply_fopru(tower("clip"), keep=KEEP)
     with pytest.raises(ValueError, match="keep must be in"):
         apply_fopru(tiny_llava(), keep=N + 1)
+
+
+@pytest.mark.parametrize("strategy, ratio, keep", [("rank", 0.4, 6), ("row", 0.5, 8)])
+def test_llava_keep_from_ratio(strategy, ratio, keep):
+    model = tiny_llava()
+    assert apply_fopru(model, ratio=ratio, strategy=strategy).keep == keep  # floor(16 * 0.4); 2 of 4 rows of 4
+    remove_fopru(model)
 
 
 def test_placeholders_trimmed_per_image_and_repadded():
@@ -280,3 +289,159 @@ def test_placeholders_trimmed_per_image_and_repadded():
     assert torch.equal(compact_rows(ids, kept, PAD, "right"), right)
     with pytest.raises(ValueError, match="multiple of 4 image placeholder"):
         keep_placeholders(ids, valid, IMAGE_TOKEN, tokens_per_image=4, keep=2)
+
+
+# LLaVA-NeXT ----------------------------------------------------------------------------------
+
+NEXT_IMAGE = 42  # crops of 3 x 3 patches (+ CLS for CLIP); anyres tiles of 2 x 1, 1 x 2 or 2 x 2 crops
+NEXT_N = (NEXT_IMAGE // PATCH) ** 2
+# (H, W) of the three images: wide (2 x 2 tiles, rows unpadded), tall (2 x 1 tiles), square (1 x 2
+# tiles, columns unpadded); 5, 3 and 3 crops with the base image.
+NEXT_SIZES = torch.tensor([[60, 100], [100, 40], [42, 42]])
+
+
+def tiny_llava_next(kind: str = "clip"):
+    """A tiny LlavaNextForConditionalGeneration, strategies as in tiny_llava, q/k sharpened likewise."""
+    vision = transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig
+    side = NEXT_IMAGE
+    config = transformers.LlavaNextConfig(
+        vision_config=vision(**{**TOWER, "image_size": side}),
+        text_config=transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if kind == "clip" else "full",
+        image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for block in model.model.vision_tower.encoder.layers:
+            block.self_attn.q_proj.weight.mul_(8)
+            block.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def next_reference(model, kind: str, score: str):
+    """What the unpatched model packs, traced independently of the adapter: per image its packed
+    features (n_i, D), and per packed token its crop token (row of the (crops * N) projected crop tokens
+    it equals bit for bit; pack_image_features only moves data) or -1 for image_newline, plus the
+    significance_qk of every crop token (crops * N,)."""
+    inner, p = model.model, 1 if kind == "clip" else 0
+    x = torch.randn(3, 5, 3, NEXT_IMAGE, NEXT_IMAGE, generator=torch.Generator().manual_seed(3))
+    with QKCapture(inner.vision_tower, -2) as cap, torch.no_grad():
+        feats = inner.get_image_features(x, NEXT_SIZES)
+        crop_tokens = inner.multi_modal_projector(cap.hidden[:, p:]).flatten(0, 1)
+    feats = getattr(feats, "pooler_output", feats)  # older transformers return the list itself
+    sig = F.significance_qk(cap.q, cap.k, score, p, cap.scale, layout="bshd").reshape(-1)
+    packed = torch.cat(feats)
+    match = (packed[:, None] == crop_tokens[None]).all(-1)
+    newline = (packed == inner.image_newline).all(-1)
+    assert (match.sum(1) + newline.long() == 1).all()  # every packed token traced to exactly one source
+    source = torch.where(newline, -1, match.long().argmax(1))
+    return x, feats, source, sig
+
+
+def next_prompts(lengths):
+    """Row 0: images 0 and 1 back to back; row 1: image 2 (left padded), as the processor lays them out."""
+    img = [[IMAGE_TOKEN] * n for n in lengths]
+    row0 = [1, 5] + img[0] + img[1] + [7]
+    row1 = [1, 9] + img[2] + [10, 11]
+    width = max(len(row0), len(row1))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in (row0, row1)])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in (row0, row1)])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    "kind, score, keep, ratio",
+    [("clip", "cls", 7, None), ("clip", "focal", None, 0.5), ("siglip", "received", None, 0.3)],
+)
+def test_llava_next_generate_sees_pruned_packed_tokens(kind, score, keep, ratio):
+    model = tiny_llava_next(kind)
+    inner = model.model
+    x, feats, source, sig = next_reference(model, kind, score)
+    lengths = [f.shape[0] for f in feats]
+    inputs = {**next_prompts(lengths), "pixel_values": x, "image_sizes": NEXT_SIZES}
+
+    # Expected selection: every newline, plus the top patch tokens of each image by significance.
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    expected_idx, expected_keep = [], []
+    for b in range(3):
+        seg = source[bounds[b] : bounds[b + 1]]
+        patch_at = (seg >= 0).nonzero().flatten()
+        k = min(keep, patch_at.numel()) if ratio is None else F.retained_count(patch_at.numel(), ratio)
+        top = patch_at[F.select(sig[seg[patch_at]][None], k)[0]]
+        expected_idx.append(bounds[b] + torch.cat([(seg < 0).nonzero().flatten(), top]).sort().values)
+        expected_keep.append(len(expected_idx[-1]))
+    expected_idx = torch.cat(expected_idx)
+    assert all(0 < k < n for k, n in zip(expected_keep, lengths))  # a real pruning of every image
+
+    handle = apply_fopru(model, keep=keep, ratio=ratio, score=score)
+    assert handle.image_token_counts(NEXT_SIZES) == (lengths, expected_keep)
+    seen = []
+    hook = inner.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    trimmed = handle.prepare_inputs(inputs)
+    out = generate(model, trimmed)
+    hook.remove()
+
+    assert out.shape[1] == trimmed["input_ids"].shape[1] + 3
+    image_positions = trimmed["input_ids"] == IMAGE_TOKEN
+    assert image_positions.sum(dim=1).tolist() == [expected_keep[0] + expected_keep[1], expected_keep[2]]
+    prefill = seen[0]
+    assert torch.equal(prefill[image_positions], torch.cat(feats)[expected_idx])
+    with torch.no_grad():
+        text = inner.get_input_embeddings()(trimmed["input_ids"])
+    assert torch.equal(prefill[~image_positions], text[~image_positions])
+    assert torch.equal(handle.last_idx, expected_idx)
+    assert torch.equal(handle.last_source, source[expected_idx])
+    assert handle.last_cu_seqlens.tolist() == [0, *torch.tensor(expected_keep).cumsum(0).tolist()]
+    remove_fopru(model)
+
+
+def test_llava_next_remove_fopru_restores_full_generation():
+    model = tiny_llava_next()
+    x, feats, _, _ = next_reference(model, "clip", "cls")
+    inputs = {**next_prompts([f.shape[0] for f in feats]), "pixel_values": x, "image_sizes": NEXT_SIZES}
+    with torch.no_grad():
+        reference_logits = model(**inputs).logits
+    reference = generate(model, inputs)
+    handle = apply_fopru(model, ratio=0.25)
+    assert generate(model, handle.prepare_inputs(inputs)).shape[1] < reference.shape[1]
+    with pytest.raises(ValueError, match="already applied"):
+        apply_fopru(model.model, keep=KEEP)
+    remove_fopru(model.model)
+    assert "pack_image_features" not in vars(model.model)
+    assert torch.equal(generate(model, inputs), reference)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference_logits)
+
+
+def test_llava_next_rejects_row_strategy_and_ambiguous_budgets():
+    model = tiny_llava_next()
+    with pytest.raises(ValueError, match="strategy='rank' only"):
+        apply_fopru(model, keep=KEEP, strategy="row")
+    with pytest.raises(ValueError, match="exactly one of keep or ratio"):
+        apply_fopru(model, keep=KEEP, ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one of keep or ratio"):
+        apply_fopru(model)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        apply_fopru(model, ratio=1.5)
+    assert getattr(model.model, "_fopru", None) is None and "pack_image_features" not in vars(model.model)
+
+
+def test_placeholder_runs_trimmed_per_image():
+    x = IMAGE_TOKEN
+    # Row 0 holds images of 3 and 2 placeholders back to back, row 1 one image of 4.
+    ids = torch.tensor([[PAD, PAD, 1, x, x, x, x, x, 7], [1, x, x, x, x, 9, 9, 9, 9]])
+    valid = ids != PAD
+    kept = keep_placeholder_runs(ids, valid, IMAGE_TOKEN, [3, 2, 4], [1, 2, 3])
+    trimmed = torch.tensor([[PAD, PAD, PAD, 1, x, x, x, 7], [1, x, x, x, 9, 9, 9, 9]])
+    assert torch.equal(compact_rows(ids, kept, PAD), trimmed)
+    with pytest.raises(ValueError, match="whole images per row"):
+        keep_placeholder_runs(ids, valid, IMAGE_TOKEN, [2, 4, 3], [1, 1, 1])  # row 0 would split image 1
+    with pytest.raises(ValueError, match="whole images per row"):
+        keep_placeholder_runs(ids, valid, IMAGE_TOKEN, [3, 2, 5], [1, 1, 1])

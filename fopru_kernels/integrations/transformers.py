@@ -15,9 +15,11 @@ Which layer: FoPru scores with the attention inside the layer whose *output* fee
 Entry points:
 - `QKCapture(vision_model, layer)`: the hooks alone (context manager, or `.remove()`).
 - `prune_vision_features(vision_model, pixel_values, keep, ...)`: one tower pass -> pruned features.
-- `apply_fopru(model, keep, ...)` / `remove_fopru(model)`: LLaVA (`LlavaForConditionalGeneration`,
-  `LlavaModel`) prunes its image features before the projector; `FoPruLlava.prepare_inputs`
-  shortens the image placeholders of tokenised inputs to `keep` per image for `generate()`.
+- `apply_fopru(model, keep | ratio, ...)` / `remove_fopru(model)`: LLaVA (`LlavaForConditionalGeneration`,
+  `LlavaModel`) prunes its image features before the projector; LLaVA-NeXT
+  (`LlavaNextForConditionalGeneration`, `LlavaNextModel`) prunes each image's packed feature sequence
+  after `pack_image_features`, in one `prune_tokens_varlen` call. The handle's `prepare_inputs`
+  shortens the image placeholders of tokenised inputs to the kept count per image for `generate()`.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..ops import prune_tokens_qk
+from ..ops import prune_tokens_qk, prune_tokens_varlen, significance_qk
+from ..reference import retained_count
 
 
 def _encoder_layers(vision_model: nn.Module) -> nn.ModuleList:
@@ -176,48 +179,29 @@ class FoPruLlava:
     Inference only: the pruned features carry no gradient back into the vision tower.
     """
 
-    def __init__(self, inner: nn.Module, keep: int, strategy: str, score: str, kind: str, backend: str):
-        config = inner.config
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(
-                "apply_fopru needs one vision_feature_layer (FoPru scores one layer's attention), got "
-                f"{config.vision_feature_layer}"
-            )
-        tower = inner.vision_tower
-        self.num_prefix = num_prefix_tokens(tower)
-        drops = 1 if config.vision_feature_select_strategy == "default" else 0
-        if drops != self.num_prefix:
-            raise ValueError(
-                f"vision_feature_select_strategy='{config.vision_feature_select_strategy}' drops {drops} leading "
-                f"token(s) but the {type(tower).__name__} tower has {self.num_prefix} prefix token(s); FoPru prunes "
-                "patch tokens only ('default' for CLIP towers, 'full' for SigLIP)"
-            )
-        self.tokens_per_image = _tower(tower).embeddings.num_patches
+    def __init__(
+        self, inner: nn.Module, keep: int | None, ratio: float | None, strategy: str, score: str, kind: str,
+        backend: str,
+    ):
+        self.num_prefix = _scored_prefix(inner)
+        tower = _tower(inner.vision_tower)
+        self.tokens_per_image = tower.embeddings.num_patches
+        if ratio is not None:
+            side = tower.config.image_size // tower.config.patch_size
+            keep = retained_count(self.tokens_per_image, ratio, strategy, (side, side))
         if not 0 <= keep <= self.tokens_per_image:
             raise ValueError(f"keep must be in [0, {self.tokens_per_image}] (patches per image), got {keep}")
         self.keep, self.strategy, self.score, self.kind, self.backend = keep, strategy, score, kind, backend
-        self.image_token_id = config.image_token_id
-        self.pad_token_id = config.text_config.pad_token_id or 0
+        self.image_token_id = inner.config.image_token_id
+        self.pad_token_id = inner.config.text_config.pad_token_id or 0
         self.last_idx: torch.Tensor | None = None
-        self.capture = QKCapture(tower, config.vision_feature_layer)
+        self.capture = QKCapture(inner.vision_tower, inner.config.vision_feature_layer)
         self._projector_hook = inner.multi_modal_projector.register_forward_pre_hook(self._prune)
 
     def _prune(self, module, args):
         (features,) = args
         cap, p = self.capture, self.num_prefix
-        hidden = cap.hidden
-        # The projector must be fed hidden_states[vision_feature_layer][:, P:] of this very pass; a call
-        # that overrides vision_feature_layer (or strategy) would otherwise get another layer's scores.
-        if (
-            hidden is None
-            or features.shape != hidden[:, p:].shape
-            or features.data_ptr() != hidden[:, p:].data_ptr()
-        ):
-            raise ValueError(
-                f"FoPru scores vision layer hidden_states[{cap.layer}] with its prefix of {p} token(s) dropped, "
-                "but the projector got other features; do not override vision_feature_layer / "
-                "vision_feature_select_strategy in the call, or re-apply FoPru"
-            )
+        _check_scored_features(features, cap, p)
         pruned, idx = prune_tokens_qk(
             features, cap.q, cap.k, self.keep, self.strategy, self.score, p, None,
             scale=cap.scale, kind=self.kind, layout="bshd", backend=self.backend,
@@ -247,6 +231,218 @@ class FoPruLlava:
         """Removes the hooks: the model computes all N image features again."""
         self._projector_hook.remove()
         self.capture.remove()
+
+
+def _scored_prefix(inner: nn.Module) -> int:
+    """Prefix tokens of a LLaVA(-NeXT) model's tower, checked against what its feature selection drops."""
+    config, tower = inner.config, inner.vision_tower
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(
+            "apply_fopru needs one vision_feature_layer (FoPru scores one layer's attention), got "
+            f"{config.vision_feature_layer}"
+        )
+    prefix = num_prefix_tokens(tower)
+    drops = 1 if config.vision_feature_select_strategy == "default" else 0
+    if drops != prefix:
+        raise ValueError(
+            f"vision_feature_select_strategy='{config.vision_feature_select_strategy}' drops {drops} leading "
+            f"token(s) but the {type(tower).__name__} tower has {prefix} prefix token(s); FoPru prunes "
+            "patch tokens only ('default' for CLIP towers, 'full' for SigLIP)"
+        )
+    return prefix
+
+
+def _check_scored_features(features: torch.Tensor, cap: QKCapture, num_prefix: int) -> None:
+    """The projector must be fed hidden_states[vision_feature_layer][:, P:] of this very pass; a call
+    that overrides vision_feature_layer (or the select strategy) would otherwise get another layer's scores."""
+    hidden = cap.hidden
+    if (
+        hidden is None
+        or features.shape != hidden[:, num_prefix:].shape
+        or features.data_ptr() != hidden[:, num_prefix:].data_ptr()
+    ):
+        raise ValueError(
+            f"FoPru scores vision layer hidden_states[{cap.layer}] with its prefix of {num_prefix} token(s) dropped, "
+            "but the projector got other features; do not override vision_feature_layer / "
+            "vision_feature_select_strategy in the call, or re-apply FoPru"
+        )
+
+
+# Significance of LLaVA-NeXT's image_newline tokens: above any fx sum (|sig| <= H * 2^36 for H heads),
+# so 'rank' keeps every newline before any patch token; far from the int64 limits so no kernel's key
+# transform can overflow.
+NEWLINE_SIG = 2**62
+_NEWLINE_SOURCE = -1  # the source index packed in place of a newline (no crop token)
+
+
+class FoPruLlavaNext:
+    """FoPru hooks on a LLaVA-NeXT model; made by `apply_fopru`, undone by `remove_fopru` (or `.remove()`).
+
+    Mechanism: LLaVA-NeXT encodes every crop of an image (the base image plus its anyres tiles) as one
+    tower sequence, projects all crop tokens, then `pack_image_features` reshapes each image's tiles
+    into one grid, unpads it to the image's aspect ratio and appends an `image_newline` token to every
+    row: image i becomes a sequence of n_i tokens (the count of `<image>` placeholders the processor
+    emits). FoPru therefore prunes *after* the packing. `QKCapture` records q / k of the vision layer
+    `config.vision_feature_layer`; an instance attribute overrides `pack_image_features` so that it
+    1. packs the features with the model's own method (unchanged),
+    2. scores every crop token with `significance_qk` on the (num_crops, S) tower batch,
+    3. packs the *source index* of every crop token with the same method (a 1-wide int64 "feature",
+       newline = -1), so each packed token knows its crop token and its significance, bit for bit the
+       same layout as the features, whatever the transformers version does inside the packing,
+    4. keeps `keep_i` tokens per image with one `prune_tokens_varlen(packed, sig, cu_seqlens, keep, 'rank')`.
+    Newlines: every newline is kept (significance `NEWLINE_SIG`), and the budget counts patch tokens
+    only: keep_i = newlines_i + min(keep, patches_i), or + retained_count(patches_i, ratio). Why: the
+    newlines are the language model's only cue of the unpadded grid's rows, cost one token per row,
+    and since kept tokens stay in order each newline still closes its row's kept tokens.
+    Only strategy 'rank': a packed sequence (base grid + unpadded grid with newlines) is no single grid.
+
+    After each image encoding: `last_idx` (T',) int64 indices into the packed sequence (the
+    concatenation of the unpatched model's per-image features), `last_cu_seqlens` (num_images + 1,) the
+    kept counts' prefix sums, `last_source` (T',) the crop token of each kept token (crop * N + patch,
+    crops numbered over the batch) or -1 for a newline. Inference only.
+    """
+
+    def __init__(
+        self, inner: nn.Module, keep: int | None, ratio: float | None, strategy: str, score: str, kind: str,
+        backend: str,
+    ):
+        if strategy != "rank":
+            raise ValueError(
+                "LLaVA-NeXT supports strategy='rank' only (its packed image sequence is no single grid), "
+                f"got {strategy!r}"
+            )
+        if keep is not None and keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        if ratio is not None:
+            retained_count(0, ratio)  # checks ratio now rather than at the first image
+        self.num_prefix = _scored_prefix(inner)
+        self.keep, self.ratio, self.score, self.kind, self.backend = keep, ratio, score, kind, backend
+        self.config = inner.config
+        self.image_token_id = inner.config.image_token_id
+        self.pad_token_id = inner.config.text_config.pad_token_id or 0
+        self.tokens_per_crop = _tower(inner.vision_tower).embeddings.num_patches
+        self.last_idx: torch.Tensor | None = None
+        self.last_cu_seqlens: torch.Tensor | None = None
+        self.last_source: torch.Tensor | None = None
+        self._inner = inner
+        self._pack = inner.pack_image_features  # the class's bound method
+        self.capture = QKCapture(inner.vision_tower, inner.config.vision_feature_layer)
+        self._projector_hook = inner.multi_modal_projector.register_forward_pre_hook(self._check_projector_input)
+        inner.pack_image_features = self._pack_and_prune  # instance attribute: shadows the method
+
+    def _check_projector_input(self, module, args) -> None:
+        _check_scored_features(args[0], self.capture, self.num_prefix)
+
+    def _sources(self, crops: list[int], image_sizes, select_strategy: str, newline: bool) -> list[torch.Tensor]:
+        """Per image, (n_i,) int64 on the CPU: the crop token (crop * N + patch) each packed token comes from,
+        -1 for a newline. Packs indices with the model's own pack_image_features, so the layout is its."""
+        n = self.tokens_per_crop
+        source = torch.arange(sum(crops) * n, dtype=torch.int64).view(sum(crops), n, 1)
+        sentinel = torch.tensor([_NEWLINE_SOURCE]) if newline else None
+        packed, _ = self._pack(list(source.split(crops)), image_sizes, select_strategy, image_newline=sentinel)
+        return [p.reshape(-1) for p in packed]
+
+    def _budget(self, sources: list[torch.Tensor]) -> list[int]:
+        """Tokens kept per image: all newlines, plus min(keep, patches) or retained_count(patches, ratio)."""
+        out = []
+        for src in sources:
+            newlines = int((src == _NEWLINE_SOURCE).sum())
+            patches = src.numel() - newlines
+            kept = min(self.keep, patches) if self.ratio is None else retained_count(patches, self.ratio)
+            out.append(newlines + kept)
+        return out
+
+    def _pack_and_prune(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        """pack_image_features, then keep keep_i of each image's packed tokens. image_features: per image
+        (crops_i, N, D) projected crop tokens. Returns (per-image (keep_i, D) list, keep (num_images,) int64)."""
+        packed, _ = self._pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
+        cap = self.capture
+        crops = [f.shape[0] for f in image_features]
+        if cap.q is None or cap.q.shape[0] != sum(crops):
+            raise ValueError(
+                "FoPru packs the features of the latest vision tower pass; pack_image_features got features "
+                "of no such pass (call the model, or get_image_features, rather than pack_image_features)"
+            )
+        sig = significance_qk(
+            cap.q, cap.k, self.score, self.num_prefix, cap.scale, kind=self.kind, layout="bshd", backend=self.backend
+        )  # (num_crops, N): the _check_projector_input hook has tied q / k to these features
+        cap.clear()
+        sources = self._sources(crops, image_sizes, vision_feature_select_strategy, image_newline is not None)
+        keep = self._budget(sources)
+        device = packed[0].device
+        source = torch.cat(sources).to(device)
+        packed_sig = torch.where(source == _NEWLINE_SOURCE, NEWLINE_SIG, sig.reshape(-1)[source.clamp(min=0)])
+        lengths = torch.tensor([0] + [s.numel() for s in sources], dtype=torch.int64)
+        cu_seqlens = lengths.cumsum(0).to(device)
+        pruned, idx, cu_out = prune_tokens_varlen(
+            torch.cat(packed), packed_sig, cu_seqlens, keep, "rank", backend=self.backend
+        )
+        self.last_idx, self.last_cu_seqlens, self.last_source = idx, cu_out, source[idx]
+        return list(pruned.split(keep)), torch.tensor(keep, dtype=torch.long, device=device)
+
+    def image_token_counts(self, image_sizes) -> tuple[list[int], list[int]]:
+        """(n_i, keep_i) per image: the processor's placeholder count and the kept count, from the
+        image sizes (num_images, 2) (H, W) alone, through the model's own packing."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.config
+        crops = [
+            image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        sources = self._sources(crops, image_sizes, config.vision_feature_select_strategy, newline=True)
+        return [s.numel() for s in sources], self._budget(sources)
+
+    def prepare_inputs(self, inputs: Mapping, padding_side: str = "left") -> dict:
+        """Tokenised inputs with keep_i image placeholders for image i instead of the processor's n_i.
+
+        inputs: the processor's output (input_ids (B, T), attention_mask (B, T), pixel_values,
+        image_sizes (num_images, 2), ...). Images own the placeholder runs in row-major order (the order
+        the model fills them). Every (B, T) tensor is compacted alike, padded as in `FoPruLlava.prepare_inputs`.
+        """
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        lengths, keep = self.image_token_counts(inputs["image_sizes"])
+        kept = keep_placeholder_runs(ids, valid, self.image_token_id, lengths, keep)
+        out = dict(inputs)
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.shape == ids.shape:
+                pad = self.pad_token_id if name == "input_ids" else 0
+                out[name] = compact_rows(value, kept, pad, padding_side)
+        return out
+
+    def remove(self) -> None:
+        """Removes the hooks and the pack_image_features override: all n_i image tokens again."""
+        del self._inner.pack_image_features
+        self._projector_hook.remove()
+        self.capture.remove()
+
+
+def keep_placeholder_runs(
+    input_ids: torch.Tensor, valid: torch.Tensor, image_token_id: int, lengths: list[int], keep: list[int]
+) -> torch.Tensor:
+    """(B, T) bool: the valid tokens to keep, all but the last lengths[i] - keep[i] placeholders of image i.
+
+    Image i owns the placeholders lengths[0] + ... + lengths[i-1] onwards, counted over the valid
+    placeholders of the whole batch in row-major order (how the model's masked_scatter fills them);
+    every row must hold whole images.
+    """
+    image = (input_ids == image_token_id) & valid
+    bounds = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+    row_ends = image.sum(dim=1).cumsum(0).cpu()
+    if not bool(torch.isin(row_ends, bounds).all()) or (row_ends.numel() and int(row_ends[-1]) != int(bounds[-1])):
+        raise ValueError(
+            f"the image placeholders (id {image_token_id}) must be runs of {lengths} tokens, one per image, "
+            f"whole images per row; got {image.sum(dim=1).tolist()} per row"
+        )
+    if not lengths:
+        return valid
+    bounds = bounds.to(input_ids.device)
+    rank = image.reshape(-1).cumsum(0) - 1  # rank of each placeholder over the batch, row-major
+    owner = torch.searchsorted(bounds[1:], rank.clamp(min=0), right=True).clamp(max=len(lengths) - 1)
+    within = rank - bounds[owner]
+    limit = torch.tensor(keep, dtype=torch.int64, device=input_ids.device)[owner]
+    return valid & (~image | (within < limit).view_as(image))
 
 
 def keep_placeholders(
@@ -284,39 +480,54 @@ def compact_rows(values: torch.Tensor, kept: torch.Tensor, pad_value: int, paddi
 
 
 def _llava_model(model: nn.Module) -> nn.Module:
-    """The LlavaModel of a LlavaForConditionalGeneration (or the LlavaModel itself)."""
-    from transformers import LlavaForConditionalGeneration, LlavaModel
+    """The LlavaModel / LlavaNextModel of a model (the inner model itself, or its ...ForConditionalGeneration)."""
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaModel,
+        LlavaNextForConditionalGeneration,
+        LlavaNextModel,
+    )
 
-    inner = model.model if isinstance(model, LlavaForConditionalGeneration) else model
-    if not isinstance(inner, LlavaModel):
+    if isinstance(model, (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)):
+        model = model.model
+    if not isinstance(model, (LlavaModel, LlavaNextModel)):
         raise ValueError(
-            "FoPru for transformers supports LlavaForConditionalGeneration and LlavaModel, got "
-            f"{type(model).__name__} (not LLaVA-NeXT: it packs anyres crops into a grid after the projector, "
-            "so its features cannot be pruned before it)"
+            "FoPru for transformers supports LlavaForConditionalGeneration, LlavaModel, "
+            f"LlavaNextForConditionalGeneration and LlavaNextModel, got {type(model).__name__}"
         )
-    return inner
+    return model
 
 
 def apply_fopru(
     model: nn.Module,
-    keep: int,
+    keep: int | None = None,
+    ratio: float | None = None,
     strategy: str = "rank",
     score: str = "cls",
     kind: str = "prob",
     backend: str = "auto",
-) -> FoPruLlava:
-    """Makes a LLaVA model hand `keep` image tokens per image to its language model.
+) -> FoPruLlava | FoPruLlavaNext:
+    """Makes a LLaVA or LLaVA-NeXT model hand fewer image tokens per image to its language model.
 
-    model: LlavaForConditionalGeneration or LlavaModel with a CLIP or SigLIP vision tower and one int
-    vision_feature_layer. strategy 'rank' | 'row' (row needs keep to be a multiple of the grid width),
-    score 'cls' (CLIP) | 'received' | 'focal', kind 'prob' | 'logit' (SPEC.md). Returns the `FoPruLlava`
-    handle; shorten the processor's placeholders with `handle.prepare_inputs(inputs)` before
-    `model.generate(**...)` or `model(**...)`. Raises ValueError if FoPru is already applied.
+    model: LlavaForConditionalGeneration / LlavaModel, or LlavaNextForConditionalGeneration /
+    LlavaNextModel, with a CLIP or SigLIP vision tower and one int vision_feature_layer. Give exactly
+    one of keep (tokens per image) or ratio (in [0, 1], via `retained_count`). LLaVA keeps `keep` of
+    its N patches per image; LLaVA-NeXT keeps every image_newline token plus min(keep, patches_i) or
+    retained_count(patches_i, ratio) of image i's packed patch tokens (see FoPruLlavaNext).
+    strategy 'rank' | 'row' (LLaVA only; row needs keep to be a multiple of the grid width), score
+    'cls' (CLIP) | 'received' | 'focal', kind 'prob' | 'logit' (SPEC.md). Returns the handle; shorten
+    the processor's placeholders with `handle.prepare_inputs(inputs)` before `model.generate(**...)`
+    or `model(**...)`. Raises ValueError if FoPru is already applied.
     """
+    from transformers import LlavaNextModel
+
     inner = _llava_model(model)
+    if (keep is None) == (ratio is None):
+        raise ValueError(f"give exactly one of keep or ratio, got keep={keep}, ratio={ratio}")
     if getattr(inner, "_fopru", None) is not None:
         raise ValueError("FoPru is already applied to this model; call remove_fopru(model) first")
-    inner._fopru = FoPruLlava(inner, keep, strategy, score, kind, backend)
+    handle_cls = FoPruLlavaNext if isinstance(inner, LlavaNextModel) else FoPruLlava
+    inner._fopru = handle_cls(inner, keep, ratio, strategy, score, kind, backend)
     return inner._fopru
 
 

@@ -220,12 +220,7 @@ class FoPruLlava:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         kept = keep_placeholders(ids, valid, self.image_token_id, self.tokens_per_image, self.keep)
-        out = dict(inputs)
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.shape == ids.shape:
-                pad = self.pad_token_id if name == "input_ids" else 0
-                out[name] = compact_rows(value, kept, pad, padding_side)
-        return out
+        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks: the model computes all N image features again."""
@@ -404,12 +399,7 @@ class FoPruLlavaNext:
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         lengths, keep = self.image_token_counts(inputs["image_sizes"])
         kept = keep_placeholder_runs(ids, valid, self.image_token_id, lengths, keep)
-        out = dict(inputs)
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.shape == ids.shape:
-                pad = self.pad_token_id if name == "input_ids" else 0
-                out[name] = compact_rows(value, kept, pad, padding_side)
-        return out
+        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks and the pack_image_features override: all n_i image tokens again."""
@@ -462,6 +452,18 @@ def keep_placeholders(
         )
     rank_in_image = (image.cumsum(dim=1) - 1) % tokens_per_image
     return valid & (~image | (rank_in_image < keep))
+
+
+def _compact_inputs(inputs: Mapping, kept: torch.Tensor, pad_token_id: int, padding_side: str) -> dict:
+    """Every (B, T) tensor of `inputs` (input_ids, attention_mask, ...) compacted to the kept
+    positions and re-padded (input_ids with pad_token_id, the rest with 0); others pass through."""
+    shape = inputs["input_ids"].shape
+    out = dict(inputs)
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.shape == shape:
+            pad = pad_token_id if name == "input_ids" else 0
+            out[name] = compact_rows(value, kept, pad, padding_side)
+    return out
 
 
 def compact_rows(values: torch.Tensor, kept: torch.Tensor, pad_value: int, padding_side: str = "left") -> torch.Tensor:

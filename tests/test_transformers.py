@@ -208,6 +208,21 @@ def generate(model, inputs):
     return model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
 
 
+def generate_with_fopru(model, inner, handle, inputs):
+    """generate() on the handle's trimmed inputs; returns (trimmed, output ids, the inputs_embeds
+    the language model saw, one per forward: the prompt pass first)."""
+    seen = []
+    hook = inner.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    trimmed = handle.prepare_inputs(inputs)
+    try:
+        out = generate(model, trimmed)
+    finally:
+        hook.remove()
+    return trimmed, out, seen
+
+
 @pytest.mark.parametrize(
     "kind, strategy, score, keep",
     [("clip", "rank", "cls", 6), ("clip", "row", "focal", 8), ("siglip", "rank", "received", 5)],
@@ -222,14 +237,7 @@ def test_llava_generate_sees_keep_image_tokens(kind, strategy, score, keep):
         expected = inner.multi_modal_projector(expected_pruned)
 
     handle = apply_fopru(model, keep=keep, strategy=strategy, score=score)
-    seen = []
-    hook = inner.language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    trimmed = handle.prepare_inputs(inputs)
-    out = generate(model, trimmed)
-    hook.remove()
-
+    trimmed, out, seen = generate_with_fopru(model, inner, handle, inputs)
     assert out.shape[1] == trimmed["input_ids"].shape[1] + 3
     image_positions = trimmed["input_ids"] == IMAGE_TOKEN
     assert image_positions.sum(dim=1).tolist() == [2 * keep, keep]
@@ -380,14 +388,7 @@ def test_llava_next_generate_sees_pruned_packed_tokens(kind, score, keep, ratio)
 
     handle = apply_fopru(model, keep=keep, ratio=ratio, score=score)
     assert handle.image_token_counts(NEXT_SIZES) == (lengths, expected_keep)
-    seen = []
-    hook = inner.language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    trimmed = handle.prepare_inputs(inputs)
-    out = generate(model, trimmed)
-    hook.remove()
-
+    trimmed, out, seen = generate_with_fopru(model, inner, handle, inputs)
     assert out.shape[1] == trimmed["input_ids"].shape[1] + 3
     image_positions = trimmed["input_ids"] == IMAGE_TOKEN
     assert image_positions.sum(dim=1).tolist() == [expected_keep[0] + expected_keep[1], expected_keep[2]]

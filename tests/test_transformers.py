@@ -183,13 +183,7 @@ def tiny_llava(kind: str = "clip"):
         image_token_id=IMAGE_TOKEN, image_seq_length=N, vision_feature_layer=-2,
         vision_feature_select_strategy="default" if kind == "clip" else "full",
     )
-    torch.manual_seed(0)
-    model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for block in model.model.vision_tower.encoder.layers:
-            block.self_attn.q_proj.weight.mul_(8)
-            block.self_attn.k_proj.weight.mul_(8)
-    return model
+    return _random_model(transformers.LlavaForConditionalGeneration, config)
 
 
 def prompts():
@@ -202,6 +196,19 @@ def prompts():
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in (row0, row1)])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in (row0, row1)])
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(batch=3)}
+
+
+
+def _random_model(cls, config):
+    """A seeded random-weight model on SDPA, its tower's q/k weights scaled up x 8 so attention is
+    peaked enough for decisive selection margins."""
+    torch.manual_seed(0)
+    model = cls._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for block in model.model.vision_tower.encoder.layers:
+            block.self_attn.q_proj.weight.mul_(8)
+            block.self_attn.k_proj.weight.mul_(8)
+    return model
 
 
 def generate(model, inputs):
@@ -322,13 +329,7 @@ def tiny_llava_next(kind: str = "clip"):
         vision_feature_select_strategy="default" if kind == "clip" else "full",
         image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
     )
-    torch.manual_seed(0)
-    model = transformers.LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for block in model.model.vision_tower.encoder.layers:
-            block.self_attn.q_proj.weight.mul_(8)
-            block.self_attn.k_proj.weight.mul_(8)
-    return model
+    return _random_model(transformers.LlavaNextForConditionalGeneration, config)
 
 
 def next_reference(model, kind: str, score: str):

@@ -198,7 +198,6 @@ def prompts():
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(batch=3)}
 
 
-
 def _random_model(cls, config):
     """A seeded random-weight model on SDPA, its tower's q/k weights scaled up x 8 so attention is
     peaked enough for decisive selection margins."""

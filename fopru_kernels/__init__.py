@@ -3,11 +3,14 @@
 Importing the package loads the compiled library when it was built, which registers
 torch.ops.fopru.{significance, select, prune_tokens} and the q/k and
 ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen}; otherwise the same ops are defined in Python.
+Which kernel serves them on CPU and CUDA tensors is chosen once, at import, from FOPRU_BACKEND
+(fopru_kernels.backends; `default_backend(device)` tells the choice).
 """
 from .ops import (
     HAS_CUDA_KERNELS,
     HAS_LIBRARY,
     available_backends,
+    default_backend,
     prune_tokens,
     prune_tokens_qk,
     prune_tokens_varlen,
@@ -21,6 +24,7 @@ __all__ = [
     "HAS_CUDA_KERNELS",
     "HAS_LIBRARY",
     "available_backends",
+    "default_backend",
     "positions",
     "positions_varlen",
     "prune_tokens",

@@ -6,6 +6,7 @@ one text whichever backend ran; tests/test_errors.py asserts both.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -197,6 +198,22 @@ def _check_tokens(tokens, dims: int = 3, shape: str = "(B, N, D)") -> None:
         _fail(f"tokens must be {dims}-D {shape}, got {tokens.dim()}-D")
     if tokens.dtype not in TOKEN_DTYPES:
         _fail(f"tokens must be float16, bfloat16 or float32, got {_dtype_name(tokens.dtype)}")
+
+
+def flat_grids(grids) -> list[int] | None:
+    """The ragged ops' grids as the schema's flat [rows_0, cols_0, rows_1, cols_1, ...]: from B
+    (rows, cols) pairs (the form people write) or from the flat list itself; None stays None."""
+    if grids is None:
+        return None
+    items = list(grids)
+    try:
+        if all(not hasattr(g, "__len__") or isinstance(g, torch.Tensor) and g.dim() == 0 for g in items):
+            return [operator.index(g) for g in items]
+        if all(len(g) == 2 for g in items):
+            return [operator.index(v) for g in items for v in g]
+    except TypeError:
+        pass
+    _fail(f"grids must be B (rows, cols) pairs of ints or the flat list [rows_0, cols_0, ...], got {grids!r}")
 
 
 def check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy: str, grids, values: bool = True) -> list[int]:

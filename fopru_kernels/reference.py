@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._checks import check_prune, check_prune_varlen, check_select, check_significance, resolve_grid
+from ._checks import check_prune, check_prune_varlen, check_select, check_significance, flat_grids, resolve_grid
 
 FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
 FX_CLAMP = 256.0
@@ -130,7 +130,7 @@ def prune_tokens(
 
 
 def retained_count(
-    n_tokens: int, ratio: float, strategy: str = "rank", grid: tuple[int, int] | None = None
+    n_tokens: int, ratio: float, *, strategy: str = "rank", grid: tuple[int, int] | None = None
 ) -> int:
     """Tokens kept for `ratio` of `n_tokens`: rank floor(N * ratio), row floor(rows * ratio) * cols.
 
@@ -146,13 +146,24 @@ def retained_count(
     return math.floor(rows * ratio) * cols
 
 
-def positions(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(row, col) of each kept token: idx (B, K) int64 -> (B, K, 2) int64, for 2-D / M-RoPE models."""
+def positions(
+    idx: torch.Tensor, *, grid: tuple[int, int] | None = None, n_tokens: int | None = None
+) -> torch.Tensor:
+    """(row, col) of each kept token: idx (B, K) int64 -> (B, K, 2) int64, for 2-D / M-RoPE models.
+
+    grid: (rows, cols) of the patch grid; None means square, as in every op. idx holds only the kept
+    tokens, so a square grid needs N: pass n_tokens=N (it also checks a given grid: rows * cols == N).
+    """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
         raise ValueError("idx must be a (B, K) int64 tensor")
-    rows, cols = grid
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"grid must be two positive ints (rows, cols), got {grid}")
+    if grid is None and n_tokens is None:
+        raise ValueError("positions needs grid=(rows, cols), or n_tokens=N for grid=None (a square grid of N tokens)")
+    if n_tokens is not None:
+        rows, cols = resolve_grid(n_tokens, grid, required=True)
+    elif len(grid) != 2 or any(not isinstance(v, int) or v <= 0 for v in grid):
+        raise ValueError(f"grid must be two positive ints (rows, cols), got {tuple(grid)}")
+    else:
+        rows, cols = grid
     return torch.stack((idx // cols, idx % cols), dim=-1)
 
 
@@ -187,14 +198,18 @@ def prune_tokens_varlen(
 
 
 def positions_varlen(
-    idx: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], grids: list[int]
+    idx: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], *, grids: list[tuple[int, int]] | list[int]
 ) -> torch.Tensor:
     """(row, col) of each kept token of a ragged batch: idx (T',) global -> (T', 2) int64.
 
-    keep and grids are the host lists given to prune_tokens_varlen; only cu_seqlens is read on the
-    device (no sync: the per-token image offsets are gathered there)."""
+    keep and grids are the host lists given to prune_tokens_varlen (grids: B (rows, cols) pairs or the
+    flat [rows_0, cols_0, ...]); only cu_seqlens is read on the device (no sync: the per-token image
+    offsets are gathered there)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError("idx must be a (T',) int64 tensor")
+    grids = flat_grids(grids)
+    if grids is None:
+        raise ValueError("positions_varlen needs grids: B (rows, cols) pairs or [rows_0, cols_0, ...]")
     if len(grids) != 2 * len(keep) or sum(keep) != idx.shape[0]:
         raise ValueError(f"keep must sum to len(idx) = {idx.shape[0]} and grids hold 2 * len(keep) ints")
     image = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor(keep, dtype=torch.int64)).to(idx.device)

@@ -97,12 +97,12 @@ def test_prune_tokens_varlen(run_benchmark, device, strategy, impl):
             outs = []
             for b, g in enumerate(VARLEN_GRIDS):
                 seg = slice(bounds[b], bounds[b + 1])
-                idx = fopru_kernels.select(sig[None, seg], keep[b], strategy, (g, g))
+                idx = fopru_kernels.select(sig[None, seg], keep[b], strategy=strategy, grid=(g, g))
                 outs.append(reference.gather_rows(tokens[None, seg], idx)[0])
             return torch.cat(outs)
     else:
         def call(tokens, sig, cu):
-            return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=impl)
+            return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=impl)
     traffic = sets[0][1].nbytes + 2 * sum(keep) * D * 2
     with torch.no_grad():
         run_benchmark(call, sets, dev, traffic)

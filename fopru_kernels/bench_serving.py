@@ -296,10 +296,11 @@ def _qk_call(op: str, shape: QKShape, score: str, kind: str, lse_mode: str | Non
     p, keep = shape.num_prefix, shape.keep
     if op == "significance_qk":
         return lambda t, q, k, v, lse: fopru_kernels.significance_qk(
-            q, k, score, p, None, lse if lse_mode == "sdpa" else None, kind, backend=backend
+            q, k, score=score, num_prefix=p, lse=lse if lse_mode == "sdpa" else None, kind=kind, backend=backend
         )
     return lambda t, q, k, v, lse: fopru_kernels.prune_tokens_qk(
-        t, q, k, keep, "rank", score, p, None, None, lse if lse_mode == "sdpa" else None, kind, backend=backend
+        t, q, k, keep, strategy="rank", score=score, num_prefix=p, lse=lse if lse_mode == "sdpa" else None, kind=kind,
+        backend=backend
     )
 
 
@@ -325,9 +326,9 @@ def _agreement(shape: QKShape, s: tuple, score: str, kind: str, lse_mode: str | 
     tokens, q, k, _, lse = s
     lse = lse if lse_mode == "sdpa" else None
     p = shape.num_prefix
-    got = fopru_kernels.significance_qk(q, k, score, p, None, lse, kind, backend=backend)
-    _, idx = fopru_kernels.prune_tokens_qk(tokens, q, k, shape.keep, "rank", score, p, None, None, lse, kind,
-                                           backend=backend)
+    got = fopru_kernels.significance_qk(q, k, score=score, num_prefix=p, lse=lse, kind=kind, backend=backend)
+    _, idx = fopru_kernels.prune_tokens_qk(tokens, q, k, shape.keep, strategy="rank", score=score, num_prefix=p, lse=lse,
+                                           kind=kind, backend=backend)
     return {
         "sig_max_err": float((got - oracle[0]).abs().max()) / FX_SCALE,
         "idx_rows_equal_oracle": float((idx == oracle[1]).all(dim=1).double().mean()),
@@ -346,7 +347,8 @@ def _map_layer(s: tuple, keep: int, score: str, kind: str, p: int):
     """The map path of one layer: eager attention, then prune_tokens on the materialised map."""
     tokens, q, k, v, _ = s
     o, logits, probs = eager_attention(q, k, v)
-    return o, fopru_kernels.prune_tokens(tokens, logits if kind == "logit" else probs, keep, "rank", score, p)
+    return o, fopru_kernels.prune_tokens(tokens, logits if kind == "logit" else probs, keep, strategy="rank", score=score,
+                                         num_prefix=p)
 
 
 def _qk_layer(s: tuple, keep: int, score: str, kind: str, lse_mode: str | None, p: int, backend: str, attention: bool):
@@ -359,7 +361,8 @@ def _qk_layer(s: tuple, keep: int, score: str, kind: str, lse_mode: str | None, 
     elif attention:
         o = nnf.scaled_dot_product_attention(q, k, v)
     lse = lse if lse_mode == "sdpa" else None
-    return o, fopru_kernels.prune_tokens_qk(tokens, q, k, keep, "rank", score, p, None, None, lse, kind, backend=backend)
+    return o, fopru_kernels.prune_tokens_qk(tokens, q, k, keep, strategy="rank", score=score, num_prefix=p, lse=lse, kind=kind,
+                                            backend=backend)
 
 
 def qk_memory(shape: QKShape, s: tuple, backends: list[str], device: torch.device) -> dict:
@@ -445,13 +448,13 @@ def varlen_sets(shape: VarlenShape, device: torch.device) -> tuple[list[tuple], 
 
 
 def _varlen(tokens, sig, cu, keeps, strategy, grids, backend):
-    return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keeps, strategy, grids, backend=backend)
+    return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keeps, strategy=strategy, grids=grids, backend=backend)
 
 
 def _dense(tokens: torch.Tensor, sig: torch.Tensor, b: int, keep: int, strategy: str, grid, backend: str):
     """The dense path of the same total: select on (B, T / B) + one gather of (B, keep, D)."""
     t3, s2 = tokens.view(b, -1, tokens.shape[1]), sig.view(b, -1)
-    idx = fopru_kernels.select(s2, keep, strategy, grid, backend=backend)
+    idx = fopru_kernels.select(s2, keep, strategy=strategy, grid=grid, backend=backend)
     return t3.gather(1, idx[..., None].expand(-1, -1, t3.shape[2])), idx
 
 
@@ -459,7 +462,7 @@ def _loop(tokens, sig, bounds, keeps, strategy, grids, backend):
     """What engines do today: one select + gather per image."""
     out = []
     for (a, e), keep, grid in zip(bounds, keeps, grids):
-        idx = fopru_kernels.select(sig[a:e][None], keep, strategy, grid, backend=backend)[0]
+        idx = fopru_kernels.select(sig[a:e][None], keep, strategy=strategy, grid=grid, backend=backend)[0]
         out.append(tokens[a:e].index_select(0, idx))
     return out
 
@@ -601,8 +604,8 @@ def prune_alone(model, inputs: dict, keep: int, device: torch.device, timing: Ti
     features, q, k, scale = cap.hidden[:, p:], cap.q, cap.k, cap.scale
 
     def call():
-        return fopru_kernels.prune_tokens_qk(features, q, k, keep, LLAVA_STRATEGY, LLAVA_SCORE, p, None,
-                                             scale=scale, kind=LLAVA_KIND, layout="bshd")
+        return fopru_kernels.prune_tokens_qk(features, q, k, keep, strategy=LLAVA_STRATEGY, score=LLAVA_SCORE,
+                                             num_prefix=p, scale=scale, kind=LLAVA_KIND, layout="bshd")
 
     rec = measure(call, [()], device, timing)  # one set: inside the model q, k and features are fresh in L2
     if device.type == "cuda":

@@ -35,7 +35,7 @@ def _check(sizes, keep, strategy, grids, dtype, cu_dtype, seed, strided=False):
     tokens, sig, cu = _batch(sizes, 5, dtype, seed, strided)
     cu = cu.to(cu_dtype)
     want = reference.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids)
-    got = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu.cuda(), keep, strategy, grids, backend="cuda")
+    got = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu.cuda(), keep, strategy=strategy, grids=grids, backend="cuda")
     for w, g in zip(want, got):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w), (sizes, keep, strategy)
 

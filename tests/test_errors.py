@@ -78,11 +78,11 @@ def test_prune_tokens_errors(name, backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_significance_and_select_errors(backend):
     with pytest.raises(ValueError, match=r"score='received' needs a square map"):
-        F.significance(_a(q=1), "received", backend=backend)
+        F.significance(_a(q=1), score="received", backend=backend)
     with pytest.raises(ValueError, match=r"sig must be a 2-D \(B, N\) int64 tensor"):
         F.select(torch.zeros(2, 4), 1, backend=backend)
     with pytest.raises(ValueError, match=r"keep must be a multiple of cols = 2 .* nearest valid values are 2 and 4"):
-        F.select(torch.zeros(1, 4, dtype=torch.int64), 3, "row", backend=backend)
+        F.select(torch.zeros(1, 4, dtype=torch.int64), 3, strategy="row", backend=backend)
 
 
 def test_backend_name_is_checked():
@@ -103,9 +103,9 @@ def test_retained_count_and_positions_errors():
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]"):
         F.retained_count(576, 1.5)
     with pytest.raises(ValueError, match=r"grid=None means a square grid, but N = 575"):
-        F.retained_count(575, 0.25, "row")
+        F.retained_count(575, 0.25, strategy="row")
     with pytest.raises(ValueError, match=r"idx must be a \(B, K\) int64 tensor"):
-        F.positions(torch.zeros(3), (2, 2))
+        F.positions(torch.zeros(3), grid=(2, 2))
 
 
 def _qk(b=2, h=2, s=5, d=4, dtype=torch.float32):

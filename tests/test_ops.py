@@ -103,14 +103,14 @@ def test_pure_python_fallback_defines_the_same_ops():
 
 def test_retained_count():
     assert F.retained_count(576, 0.25) == 144
-    assert F.retained_count(576, 0.25, "row") == 144  # floor(24 * .25) * 24
-    assert F.retained_count(575, 0.3, "row", (23, 25)) == 6 * 25
+    assert F.retained_count(576, 0.25, strategy="row") == 144  # floor(24 * .25) * 24
+    assert F.retained_count(575, 0.3, strategy="row", grid=(23, 25)) == 6 * 25
     assert F.retained_count(577, 1.0) == 577
     assert F.retained_count(576, 0.0) == 0
 
 
 def test_positions():
     idx = torch.tensor([[0, 5, 23], [24, 25, 575]])
-    pos = F.positions(idx, (24, 24))
+    pos = F.positions(idx, grid=(24, 24))
     assert pos.tolist() == [[[0, 0], [0, 5], [0, 23]], [[1, 0], [1, 1], [23, 23]]]
     assert pos.dtype == torch.int64 and pos.shape == (2, 3, 2)

@@ -193,9 +193,9 @@ def margin_ok(c: QKCase, sig_ref: torch.Tensor, bound: torch.Tensor) -> torch.Te
 
 def run(c: QKCase, backend: str, tokens, q, k, lse):
     """(sig, pruned, idx) of one backend, on the CPU."""
-    sig = F.significance_qk(q, k, c.score, c.P, c.scale, lse, c.kind, c.layout, backend=backend)
-    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, c.strategy, c.score, c.P, c.grid, c.scale, lse,
-                                    c.kind, c.layout, backend=backend)
+    opts = dict(score=c.score, num_prefix=c.P, scale=c.scale, lse=lse, kind=c.kind, layout=c.layout, backend=backend)
+    sig = F.significance_qk(q, k, **opts)
+    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, strategy=c.strategy, grid=c.grid, **opts)
     assert sig.dtype == torch.int64 and sig.shape == (c.B, c.N) and sig.device == q.device
     assert idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape == (c.B, c.keep)
     assert pruned.dtype == tokens.dtype and pruned.is_contiguous()
@@ -359,11 +359,12 @@ def _materialised_check(c: QKCase, device, backend: str) -> None:
     softmax (both exact selections of values within the bound), wherever the margin is wide."""
     tokens, q, k, _ = make_qk(c, device)
     probs = torch.softmax(c.d**-0.5 * (q.float() @ k.float().transpose(-1, -2)), dim=-1)
-    map_sig = F.significance(probs[:, :, :1], "cls", c.P, backend=backend).cpu()
-    map_pruned, map_idx = F.prune_tokens(tokens, probs[:, :, :1], c.keep, c.strategy, "cls", c.P, c.grid,
-                                         backend=backend)
-    sig = F.significance_qk(q, k, "cls", c.P, backend=backend).cpu()
-    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, c.strategy, "cls", c.P, c.grid, backend=backend)
+    map_sig = F.significance(probs[:, :, :1], score="cls", num_prefix=c.P, backend=backend).cpu()
+    map_pruned, map_idx = F.prune_tokens(tokens, probs[:, :, :1], c.keep, strategy=c.strategy, score="cls", num_prefix=c.P,
+                                         grid=c.grid, backend=backend)
+    sig = F.significance_qk(q, k, score="cls", num_prefix=c.P, backend=backend).cpu()
+    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, strategy=c.strategy, score="cls", num_prefix=c.P, grid=c.grid,
+                                    backend=backend)
     sig_ref, bound, *_ = oracle(c, q, k, None)
     # The map path's float32 softmax rounds within the same bound as the kernels.
     assert bool(((map_sig - sig_ref).abs().double() <= bound).all())
@@ -436,7 +437,7 @@ def test_cuda_graph(gpu, backend, score, kind):
     tokens, q, k, lse = make_qk(cases[0], gpu)
 
     def call():
-        return F.prune_tokens_qk(tokens, q, k, 144, "rank", score, 1, None, None, lse, kind, backend=backend)
+        return F.prune_tokens_qk(tokens, q, k, 144, score=score, lse=lse, kind=kind, backend=backend)
 
     call()  # compile outside the capture
     torch.cuda.synchronize()
@@ -449,7 +450,7 @@ def test_cuda_graph(gpu, backend, score, kind):
             if dst is not None:
                 dst.copy_(src)
         graph.replay()
-        sig = F.significance_qk(q, k, score, 1, None, lse, kind, backend=backend)
+        sig = F.significance_qk(q, k, score=score, num_prefix=1, lse=lse, kind=kind, backend=backend)
         verify(c, *new, sig.cpu(), pruned.cpu(), idx.cpu())
 
 
@@ -462,7 +463,7 @@ def test_torch_compile(gpu, backend, score, kind):
     tokens, q, k, _ = make_qk(llava(2, score, "row", kind, layout="bshd"), gpu)
 
     def fn(t, qq, kk):
-        return F.prune_tokens_qk(t, qq, kk, 144, "row", score, 1, None, None, None, kind, "bshd", backend=backend)
+        return F.prune_tokens_qk(t, qq, kk, 144, strategy="row", score=score, kind=kind, layout="bshd", backend=backend)
 
     pruned, idx = torch.compile(fn, fullgraph=True)(tokens, q, k)
     eager_pruned, eager_idx = fn(tokens, q, k)

@@ -90,7 +90,8 @@ def dense_loop(tokens, sig, cu_seqlens, keep, strategy, grids):
 def check_batch(c: Batch, backend: str, device="cpu") -> None:
     tokens, sig, cu = make_batch(c, device)
     grids = None if c.grids is None else list(c.grids)
-    pruned, idx, cu_out = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), c.strategy, grids, backend=backend)
+    pruned, idx, cu_out = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy=c.strategy, grids=grids,
+                                                backend=backend)
     want_pruned, want_idx, want_cu = dense_loop(tokens, sig, cu, c.keep, c.strategy, grids)
     for got in (pruned, idx, cu_out):
         assert got.device == tokens.device and got.is_contiguous() and not got.requires_grad
@@ -193,7 +194,7 @@ def test_bad_cu_seqlens_values_cpu(backend, cu, words):
 def test_bad_grid_for_segment_cpu(backend):
     tokens, sig, cu = torch.randn(12, 4), torch.arange(12), torch.tensor([0, 6, 12])
     with pytest.raises(ValueError, match="cu_seqlens"):  # grids[1] = 3 x 3 != n_1 = 6
-        F.prune_tokens_varlen(tokens, sig, cu, [3, 3], "row", [2, 3, 3, 3], backend=backend)
+        F.prune_tokens_varlen(tokens, sig, cu, [3, 3], strategy="row", grids=[2, 3, 3, 3], backend=backend)
 
 
 def test_opcheck_cpu():
@@ -348,11 +349,11 @@ def test_cuda_graph(cuda_device, strategy):
     inputs = [make_batch(first.with_(**kw)) for kw in replays]
     for backend in gpu_backends():
         tokens, sig, cu = make_batch(first, cuda_device)
-        F.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=backend)  # compile outside
+        F.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=backend)  # compile outside
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = F.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=backend)
+            out = F.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=backend)
         for t_cpu, s_cpu, cu_cpu in inputs:
             tokens.copy_(t_cpu)
             sig.copy_(s_cpu)

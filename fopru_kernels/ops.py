@@ -54,7 +54,8 @@ def _load_library() -> str | None:
     try:
         torch.ops.load_library(LIBRARY_PATH)
     except (OSError, RuntimeError) as e:
-        reason = f"{LIBRARY_PATH} failed to load: {e}"
+        cause = f" ({e.__cause__})" if e.__cause__ else ""  # torch wraps the loader's own reason
+        reason = f"{LIBRARY_PATH} failed to load: {e}{cause}"
         warnings.warn(f"fopru_kernels: {reason}; the ops fall back to the pure-Python reference on CPU tensors "
                       "and to Triton on CUDA tensors", RuntimeWarning, stacklevel=2)
         return reason

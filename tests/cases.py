@@ -136,3 +136,21 @@ def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> li
                         )
                     )
     return list({c.id(): c for c in cases}.values())
+
+
+def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:
+    """One small valid call of every torch.ops.fopru op: its arguments, positional in schema order.
+    Tests of which kernel serves an op iterate over it, so an op added without an entry here fails them."""
+    tokens, attn = make_inputs(Case(B=2, N=16, H=2, D=4, keep=5, score="focal", values="logits"), device)
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 17, 8, generator=gen).to(device) for _ in range(2))
+    sig = torch.randint(-(2**40), 2**40, (2, 16), generator=gen).to(device)
+    cu = torch.tensor([0, 6, 16], device=device)
+    return {
+        "significance": (attn, "focal", 1),
+        "select": (sig, 8, "row", [4, 4]),
+        "prune_tokens": (tokens, attn, 5, "rank", "focal", 1, None),
+        "significance_qk": (q, k, "focal", 1, None, None, "logit", "bhsd"),
+        "prune_tokens_qk": (tokens, q, k, 8, "row", "received", 1, [4, 4], None, None, "prob", "bhsd"),
+        "prune_tokens_varlen": (tokens[0], sig[0], cu, [3, 4], "rank", None),
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from cases import op_calls
+from conftest import call
 
 import fopru_kernels as F
 from fopru_kernels import backends, ops
@@ -20,12 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL = frozenset(ops.SCHEMAS)
 NONE = frozenset()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def call(op: str, args: tuple, backend: str):
-    """fopru_kernels.<op> with `backend` on arguments given in schema order (the API's names are the schema's)."""
-    names = [a.name for a in getattr(torch.ops.fopru, op).default._schema.arguments]
-    return getattr(F, op)(**dict(zip(names, args)), backend=backend)
 
 
 def run_python(code: str, env: dict | None = None, path: Path = ROOT) -> subprocess.CompletedProcess:

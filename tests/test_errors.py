@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fopru_kernels as F
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends
 
 BIG = 2**16  # heads in the size-limit cases: expanded views, so nothing is allocated
 
@@ -205,21 +205,24 @@ def test_prune_tokens_varlen_errors(name, backend):
         F.prune_tokens_varlen(**_varlen_args(**over), backend=backend)
 
 
-# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp): the same texts. The
-# values of cu_seqlens are not checked there (that would be a sync), so those cases stay CPU-only.
+# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp) or in Python (Triton's
+# launchers): the same texts. The values of cu_seqlens are not checked there (that would be a sync),
+# so those cases stay CPU-only.
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", [n for n in QK_ERRORS if n != "heads"])
-def test_prune_tokens_qk_errors_cuda(name, cuda_device):
+def test_prune_tokens_qk_errors_cuda(name, cuda_device, backend):
     over, pattern = QK_ERRORS[name]
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _qk_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
-        F.prune_tokens_qk(**args)
+        F.prune_tokens_qk(**args, backend=backend)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", [n for n in VARLEN_ERRORS if n not in ("cu-start", "cu-end", "cu-decreasing", "keep-large", "grid-product")])
-def test_prune_tokens_varlen_errors_cuda(name, cuda_device):
+def test_prune_tokens_varlen_errors_cuda(name, cuda_device, backend):
     over, pattern = VARLEN_ERRORS[name]
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _varlen_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
-        F.prune_tokens_varlen(**args)
+        F.prune_tokens_varlen(**args, backend=backend)

@@ -1,4 +1,5 @@
 """Op registration: one schema, opcheck, torch.compile, no autograd, the pure-Python fallback, helpers."""
+import inspect
 import os
 import subprocess
 import sys
@@ -114,3 +115,48 @@ def test_positions():
     pos = F.positions(idx, grid=(24, 24))
     assert pos.tolist() == [[[0, 0], [0, 5], [0, 23]], [[1, 0], [1, 1], [23, 23]]]
     assert pos.dtype == torch.int64 and pos.shape == (2, 3, 2)
+    # grid=None means square, as in every op: idx holds only kept tokens, so N comes as n_tokens.
+    assert torch.equal(F.positions(idx, n_tokens=576), pos)
+    assert torch.equal(F.positions(idx, grid=(24, 24), n_tokens=576), pos)
+    assert F.positions(idx, grid=(48, 12), n_tokens=576).tolist()[1] == [[2, 0], [2, 1], [47, 11]]
+
+
+def test_positions_errors():
+    idx = torch.tensor([[0, 5]])
+    with pytest.raises(ValueError, match=r"positions needs grid=\(rows, cols\), or n_tokens=N for grid=None"):
+        F.positions(idx)
+    with pytest.raises(ValueError, match=r"grid=None means a square grid, but N = 575 is not a perfect square"):
+        F.positions(idx, n_tokens=575)
+    with pytest.raises(ValueError, match=r"grid must be \(rows, cols\) of positive ints with rows \* cols == N = 576"):
+        F.positions(idx, grid=(24, 25), n_tokens=576)
+    with pytest.raises(ValueError, match=r"grid must be two positive ints \(rows, cols\), got \(24,\)"):
+        F.positions(idx, grid=(24,))
+
+
+# The Python API: the tensors (and keep) by position, every option by name. Not the torch.ops schemas.
+POSITIONAL = {
+    "significance": ["attn"],
+    "select": ["sig", "keep"],
+    "prune_tokens": ["tokens", "attn", "keep"],
+    "significance_qk": ["q", "k"],
+    "prune_tokens_qk": ["tokens", "q", "k", "keep"],
+    "prune_tokens_varlen": ["tokens", "sig", "cu_seqlens", "keep"],
+    "positions": ["idx"],
+    "positions_varlen": ["idx", "cu_seqlens", "keep"],
+    "retained_count": ["n_tokens", "ratio"],
+}
+
+
+@pytest.mark.parametrize("name", POSITIONAL)
+def test_options_are_keyword_only(name):
+    params = inspect.signature(getattr(F, name)).parameters.values()
+    assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == POSITIONAL[name]
+    assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+
+
+def test_positional_options_are_refused():
+    tokens, attn = make_inputs(Case(B=1, N=16, keep=4))
+    with pytest.raises(TypeError, match="positional"):
+        F.prune_tokens(tokens, attn, 4, "row")
+    # the op keeps its schema: options by position there
+    assert torch.equal(torch.ops.fopru.prune_tokens(tokens, attn, 4, "rank")[1], F.prune_tokens(tokens, attn, 4)[1])

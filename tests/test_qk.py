@@ -45,6 +45,7 @@ pytest.importorskip("triton")
 
 import fopru_kernels as F  # noqa: E402
 from cases import lay_out  # noqa: E402
+from conftest import gpu_backends  # noqa: E402
 from fopru_kernels import reference, reference_qk  # noqa: E402
 from fopru_kernels.triton import prune_tokens as tk  # noqa: E402
 from fopru_kernels.triton import significance_qk as tq  # noqa: E402
@@ -286,10 +287,7 @@ def gpu(cuda_device):
     return cuda_device
 
 
-GPU_BACKENDS = [
-    "triton",
-    pytest.param("cuda", marks=pytest.mark.skipif(not F.HAS_CUDA_KERNELS, reason="library built without CUDA kernels")),
-]
+GPU_BACKENDS = gpu_backends()
 
 
 def llava(b: int, score: str, strategy: str, kind: str, **kw) -> QKCase:

@@ -31,6 +31,14 @@ def run_python(code: str, env: dict | None = None, path: Path = ROOT) -> subproc
     return subprocess.run([sys.executable, "-c", code], env=full, cwd=path, capture_output=True, text=True, timeout=300)
 
 
+def run_ok(code: str, env: dict | None = None, path: Path = ROOT) -> str:
+    """run_python(code), which must run to its end; returns what it printed."""
+    out = run_python(code + "print('ran to the end')\n", env, path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.endswith("ran to the end\n")
+    return out.stdout
+
+
 # ----------------------------------------------------------------------------- the rule
 
 
@@ -164,11 +172,8 @@ def test_fopru_backend_cuda_puts_the_cxx_kernels_in_the_cuda_slots():
         "    line = next(l for l in torch._C._dispatch_dump('fopru::' + op).splitlines() if l.startswith('CUDA'))\n"
         "    assert line.startswith('CUDA: ') and 'csrc/cuda/' in line, line\n"
         "assert not [n for n in torch._C._dispatch_get_all_op_names() if n.startswith('fopru_cxx::')]\n"
-        "print('cuda slots ok')\n"
     )
-    out = run_python(code, {"FOPRU_BACKEND": "cuda"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "cuda slots ok" in out.stdout
+    run_ok(code, {"FOPRU_BACKEND": "cuda"})
 
 
 @pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
@@ -192,11 +197,8 @@ def test_fopru_backend_reference_and_explicit_cpu():
         "got = compiled(t, a)\n"
         "assert calls == [1] and all(map(torch.equal, got, want))\n"
         "torch.library.opcheck(torch.ops.fopru_cxx.prune_tokens.default, (t, a, 8, 'row', 'focal', 1, None))\n"
-        "print('reference setting ok')\n"
     )
-    out = run_python(code, {"FOPRU_BACKEND": "reference"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "reference setting ok" in out.stdout
+    run_ok(code, {"FOPRU_BACKEND": "reference"})
 
 
 @pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
@@ -213,10 +215,9 @@ def test_explicit_cxx_backend_without_get_kernel_is_refused_clearly():
         "except ValueError as e:\n"
         "    print(e)\n"
     )
-    out = run_python(code, {"FOPRU_BACKEND": "reference"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "backend='cpu' cannot reach the C++ kernel of prune_tokens in this process" in out.stdout
-    assert "set FOPRU_BACKEND='cpu' instead" in out.stdout
+    out = run_ok(code, {"FOPRU_BACKEND": "reference"})
+    assert "backend='cpu' cannot reach the C++ kernel of prune_tokens in this process" in out
+    assert "set FOPRU_BACKEND='cpu' instead" in out
 
 
 @pytest.mark.parametrize(
@@ -243,8 +244,7 @@ def test_import_overrides_kernels_without_warnings():
     # torch warns once per process when a kernel replaces another: the replacement is the intent here.
     code = "import torch\ntorch._C._set_warnAlways(True)\nimport fopru_kernels as F\nprint(F.default_backend('cuda'))\n"
     out = run_python(code, {"PYTHONWARNINGS": "error"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stderr == ""
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- the library file
@@ -271,19 +271,17 @@ _LOAD = (
 
 def test_a_library_that_fails_to_load_warns(tmp_path):
     path = _package_copy(tmp_path, b"not a shared object")
-    out = run_python(_LOAD, {"FOPRU_BACKEND": "auto"}, path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "library False" in out.stdout
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RuntimeWarning")]
-    assert len(lines) == 1, out.stdout
+    out = run_ok(_LOAD, {"FOPRU_BACKEND": "auto"}, path)
+    assert "library False" in out
+    lines = [line for line in out.splitlines() if line.startswith("RuntimeWarning")]
+    assert len(lines) == 1, out
     assert f"{path / 'fopru_kernels' / '_C.so'} failed to load: " in lines[0]
     assert "invalid ELF header" in lines[0] or "file too short" in lines[0]  # the loader's reason
 
 
 def test_a_missing_library_is_silent(tmp_path):
-    out = run_python(_LOAD, {}, _package_copy(tmp_path, None))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.splitlines() == ["library False"]
+    out = run_ok(_LOAD, {}, _package_copy(tmp_path, None))
+    assert out.splitlines() == ["library False", "ran to the end"]
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from fopru_kernels.bench import BenchCase, cache_bytes, make_inputs, rotation_count
+from .prune_cases import BenchCase, make_inputs
+from .timing import cache_bytes, rotation_count
 
 CPU_CASE_BUDGET_S = 1.0  # timed work per CPU case; the slowest cases run MIN_ROUNDS rounds regardless
 GPU_CASE_BUDGET_S = 0.2
@@ -29,7 +30,7 @@ class InputCache:
         key = (case, device, attn_dtype, token_dtype)
         if key != self.key:
             self.key, self.sets = None, None  # free the last shape before building the next
-            # A few sets suffice to spill a CPU cache; L2-sized GPU sets need up to bench's 128.
+            # A few sets suffice to spill a CPU cache; L2-sized GPU sets need up to the report's 128.
             cap = 16 if device.type == "cpu" else 128
             n = rotation_count(case.set_bytes(attn_dtype, token_dtype), cache_bytes(device), cap=cap)
             self.sets = [make_inputs(case, device, attn_dtype, token_dtype, seed) for seed in range(n)]

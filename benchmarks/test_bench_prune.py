@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fopru_kernels
-from fopru_kernels.bench import FUSED, BenchCase, runner
+
+from .prune_cases import FUSED, BenchCase, runner
 
 # CPU encoders run in float32, GPU ones in half precision; tokens are fp16 on both.
 ATTN_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}

@@ -5,7 +5,7 @@ S=577, d=64, D=1024, keep=144, q/k (B, H, S, d)) per fused backend against the f
 (reference_qk.py, which materialises each image's H x S x S map). Ragged batches: 8 images of
 256 to 2304 patches (6144 tokens, D=1024, a quarter kept) in one prune_tokens_varlen call against
 the loop over images an engine runs today (one dense select + gather per image). The GPU report
-of the same (against SDPA, TTFT) is `python -m fopru_kernels serving`. extra_info holds GB/s of
+of the same (against SDPA, TTFT) is `python -m benchmarks.serving`. extra_info holds GB/s of
 the minimal traffic (q and k read once, kept rows read and written).
 """
 from __future__ import annotations

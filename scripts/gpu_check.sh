@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one command, from the repository root of a GPU host:
 #   (a) environment  (b) build the extension in place  (c) tests/: the CUDA C++ kernels (forced with
 #   backend="cuda", marker cuda_cxx), then every other GPU test (Triton, the default, reference)
-#   (d) benchmark reports (the map-path ops; the q/k path, ragged batches and LLaVA end to end)
+#   (d) benchmark reports: benchmarks.report (the map-path ops) and benchmarks.serving (the q/k path,
+#   ragged batches and LLaVA end to end)
 #   (e) compute-sanitizer memcheck + racecheck on tests/sanitizer_case*.py  (f) summary.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick] [--skip STEP[,STEP...]] [--dry-run]
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ -f setup.py ] && [ -d fopru_kernels ] || { echo "run from the repository root" >&2; exit 2; }
+[ -f setup.py ] && [ -d fopru_kernels ] && [ -d benchmarks ] || { echo "run from the repository root" >&2; exit 2; }
 
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -122,8 +123,8 @@ step tests 110 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'not cuda_cxx
 # the backend; FOPRU_BACKEND=cuda keeps the CUDA C++ kernels in the dispatcher's CUDA slot so that the
 # "cuda" rows time them without the Python hop a replaced slot adds (the "triton" rows call Triton
 # directly either way; the LLaVA end-to-end row runs the slot, labelled by its kernel origin).
-step bench 100 "FOPRU_BACKEND=cuda $PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"
-step serving 100 "FOPRU_BACKEND=cuda $PY -m fopru_kernels.bench_serving --out '$OUTDIR' $QUICK"
+step bench 100 "FOPRU_BACKEND=cuda $PY -m benchmarks.report --out '$OUTDIR' $QUICK"
+step serving 100 "FOPRU_BACKEND=cuda $PY -m benchmarks.serving --out '$OUTDIR' $QUICK"
 
 # (e) compute-sanitizer; no caching allocator, so an out-of-bounds access inside a cached block is seen
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -4,7 +4,7 @@
 #   backend="cuda", marker cuda_cxx), then every other GPU test (Triton, the default, reference)
 #   (d) benchmark reports: benchmarks.report (the map-path ops) and benchmarks.serving (the q/k path,
 #   ragged batches and LLaVA end to end)
-#   (e) compute-sanitizer memcheck + racecheck on tests/sanitizer_case*.py  (f) summary.
+#   (e) compute-sanitizer memcheck + racecheck on scripts/sanitizer/case_*.py  (f) summary.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick] [--skip STEP[,STEP...]] [--dry-run]
 #
@@ -128,12 +128,12 @@ step serving 100 "FOPRU_BACKEND=cuda $PY -m benchmarks.serving --out '$OUTDIR' $
 
 # (e) compute-sanitizer; no caching allocator, so an out-of-bounds access inside a cached block is seen
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-CASES=$(ls tests/sanitizer_case*.py 2>/dev/null | tr '\n' ' ')
+CASES=$(ls scripts/sanitizer/case_*.py 2>/dev/null | tr '\n' ' ')
 for tool in memcheck racecheck; do
     if [ -z "$CASES" ]; then
-        RESULTS+=("$tool|SKIP|0|tests/sanitizer_case*.py missing"); echo "[$tool] SKIP (no tests/sanitizer_case*.py)"; continue
+        RESULTS+=("$tool|SKIP|0|scripts/sanitizer/case_*.py missing"); echo "[$tool] SKIP (no scripts/sanitizer/case_*.py)"; continue
     fi
-    if [ ! -x "$SANITIZER" ]; then
+    if [ ! -x "$SANITIZER" ] && [ "$DRY" = 0 ]; then  # a dry run still logs the command
         RESULTS+=("$tool|SKIP|0|compute-sanitizer not found"); echo "[$tool] SKIP (no compute-sanitizer)"; continue
     fi
     # The cases force backend="cuda"; FOPRU_BACKEND=cuda runs those calls straight through the dispatcher.

@@ -159,7 +159,7 @@ SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64
          s, ", got ", q);
   }
   check_size(h, s, num_prefix, sc, 1);
-  return SigArgs{b, h, q, s, num_prefix, s - num_prefix, sc};
+  return SigArgs{b, h, s, num_prefix, s - num_prefix, sc};
 }
 
 SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view strategy,

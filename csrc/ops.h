@@ -13,7 +13,7 @@
 namespace fopru {
 
 struct SigArgs {
-  int64_t B, H, Q, S, P, N;
+  int64_t B, H, S, P, N;
   Score score;
 };
 

@@ -337,7 +337,6 @@ def test_placeholders_trimmed_per_image_and_repadded():
 # LLaVA-NeXT ----------------------------------------------------------------------------------
 
 NEXT_IMAGE = 42  # crops of 3 x 3 patches (+ CLS for CLIP); anyres tiles of 2 x 1, 1 x 2 or 2 x 2 crops
-NEXT_N = (NEXT_IMAGE // PATCH) ** 2
 # (H, W) of the three images: wide (2 x 2 tiles, rows unpadded), tall (2 x 1 tiles), square (1 x 2
 # tiles, columns unpadded); 5, 3 and 3 crops with the base image.
 NEXT_SIZES = torch.tensor([[60, 100], [100, 40], [42, 42]])

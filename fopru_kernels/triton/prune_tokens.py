@@ -40,7 +40,6 @@ FX_CLAMP = tl.constexpr(256.0)
 INT64_MAX = tl.constexpr(9223372036854775807)
 INT64_MIN = tl.constexpr(-9223372036854775808)
 SCORE_FOCAL = tl.constexpr(0)
-SCORE_RECEIVED = tl.constexpr(1)
 SCORE_CLS = tl.constexpr(2)
 _SCORE_CODES = {"focal": 0, "received": 1, "cls": 2}
 

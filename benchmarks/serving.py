@@ -56,7 +56,7 @@ def markdown(env: dict, results: dict, notes: list[str]) -> str:
     gpu = env["device_type"] == "cuda"
     python_kernel = "the Triton launcher, so that op's 'cuda' rows time Triton" if gpu else "the reference"
     lines = [
-        "# fopru_kernels serving benchmarks (issues 5, 6)", "",
+        "# fopru_kernels serving benchmarks", "",
         f"- device: {env['device']}",
         f"- torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, Python {env['python']}",
         f"- date: {env['date']}",

@@ -169,7 +169,7 @@ def _llava_progress(rec: dict) -> str:
 
 
 def llava_markdown(res: dict, gpu: bool) -> list[str]:
-    lines = ["## 3. LLaVA-1.5-7B-shaped model end to end (issue 6)", ""]
+    lines = ["## 3. LLaVA-1.5-7B-shaped model end to end", ""]
     if "skipped" in res:
         return lines + [f"skipped: {res['skipped']}"]
     lines += [

@@ -217,7 +217,7 @@ def _mib(v) -> str:
 def qk_markdown(res: dict, gpu: bool) -> list[str]:
     shape = res["shape"]
     lines = [
-        "## 1. Significance from q and k (issue 5)", "",
+        "## 1. Significance from q and k", "",
         (f"q, k, v (B, {shape['H']}, {shape['S']}, {shape['d']}) fp16, tokens (B, {shape['S'] - shape['num_prefix']}, "
         f"{shape['D']}) fp16, keep {shape['keep']}, strategy rank; % = op time / one "
         "`scaled_dot_product_attention(q, k, v)` of the layer. lse for 'lse given': "

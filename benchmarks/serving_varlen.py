@@ -99,7 +99,7 @@ def _varlen_progress(row: dict) -> str:
 def varlen_markdown(res: dict, gpu: bool) -> list[str]:
     d = res["dense"]
     lines = [
-        "## 2. Ragged batches: prune_tokens_varlen (issue 6)", "",
+        "## 2. Ragged batches: prune_tokens_varlen", "",
         (f"{len(res['sizes'])} images of {res['sizes']} patches (grids {res['grids']}), D={res['D']} fp16, int64 sig, "
         f"keep a quarter of each grid's rows ({res['keeps']}). dense: `select` on ({d['B']}, {d['N']}) "
         f"(grid {d['grid']}, keep {d['keep']}) + one gather, the same total; loop: select + index_select per image. "

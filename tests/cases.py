@@ -98,7 +98,7 @@ def make_inputs(c: Case, device: str | torch.device = "cpu") -> tuple[torch.Tens
 
 
 def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> list[Case]:
-    """The test grid of ARCHITECTURE.md: sizes, scores, strategies, dtypes, layouts, values, keeps.
+    """The test grid every backend runs: sizes, scores, strategies, dtypes, layouts, values, keeps.
 
     small=True keeps each case cheap (interpreter runs): fewer heads, tiny D and only the CLS row
     for large N.

@@ -1,4 +1,5 @@
-"""The golden cases of ../shared/golden (an independent implementation of SPEC.md), on every CPU backend."""
+"""The golden cases of tests/data/golden_cases.json, computed by an independent implementation of
+SPEC.md (tests/data/README.md), on the reference and every CPU backend."""
 import json
 from pathlib import Path
 

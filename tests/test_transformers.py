@@ -1,4 +1,4 @@
-"""transformers adapters (issues 5, 6): q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA and
+"""transformers adapters: q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA and
 LLaVA-NeXT generate().
 
 Every model is a tiny one built from a config in code with random weights (no downloads). The q/k

@@ -1,6 +1,6 @@
 // CUDA kernels of fopru::significance / select / prune_tokens (SPEC.md), registered for the CUDA key.
 //
-// Launch plan (ARCHITECTURE.md "Kernel design notes"):
+// Launch plan:
 //   cls               one launch of _select_gather_kernel: each CTA of an image rebuilds the
 //                     significance from the CLS row (H x N values, L2-resident) in shared memory,
 //                     selects, and gathers its own chunk of the kept rows.

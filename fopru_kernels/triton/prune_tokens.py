@@ -20,9 +20,10 @@ every ViT grid up to 64 x 64):
 Larger N falls back to staged kernels: significance, ``_select_kernel`` (one program per image,
 looping over chunks), ``_gather_kernel``.
 
-Measured on an H200 (Triton 3.6, torch 2.11, CUDA graph replay, warm clocks), LLaVA-1.5 shapes
-(N=576, H=16, D=1024, K=144, fp16): cls rank B=1 ~10 us per call (launch floor 1.1 us, CLS
-significance ~1 us, the rest the in-register selection, which is issue-bound); focal B=32
+Development numbers (ad hoc scripts never committed, an older revision; see
+benchmarks/results/2026-11-26-h200-triton-development.md): H200, Triton 3.6, torch 2.11, CUDA graph
+replay, LLaVA-1.5 shapes (N=576, H=16, D=1024, K=144, fp16): cls rank B=1 ~10 us per call (launch
+floor 1.1 us, CLS significance ~1 us, the rest the in-register selection, which is issue-bound); focal B=32
 ~200 us = 68% of device copy bandwidth; focal B=1 ~26 us (the map reduction is latency-bound).
 """
 from __future__ import annotations

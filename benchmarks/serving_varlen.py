@@ -79,6 +79,13 @@ def bench_varlen(plan: Plan, device: torch.device, backends: list[str], copy_bps
                     row[name] = measure(call, sets, device, plan.timing)
                 except Exception as e:
                     row[name] = {"error": error_text(e)}
+            try:  # the comparison holds only if the loop keeps what the op keeps
+                pruned = calls["varlen"](*sets[0])[0]
+                row["loop_same_kept"] = bool(torch.equal(torch.cat(calls["loop"](*sets[0])), pruned))
+                if not row["loop_same_kept"]:
+                    row["agreement_error"] = "prune_tokens_varlen and the per-image loop keep different rows"
+            except Exception as e:
+                row["agreement_error"] = error_text(e)
             if "us" in row["varlen"] and "us" in row["dense"]:
                 row["ratio_dense"] = row["varlen"]["us"] / row["dense"]["us"]
             if "us" in row["varlen"] and "us" in row["loop"]:
@@ -102,14 +109,16 @@ def varlen_markdown(res: dict, gpu: bool) -> list[str]:
         "## 2. Ragged batches: prune_tokens_varlen", "",
         (f"{len(res['sizes'])} images of {res['sizes']} patches (grids {res['grids']}), D={res['D']} fp16, int64 sig, "
         f"keep a quarter of each grid's rows ({res['keeps']}). dense: `select` on ({d['B']}, {d['N']}) "
-        f"(grid {d['grid']}, keep {d['keep']}) + one gather, the same total; loop: select + index_select per image. "
+        f"(grid {d['grid']}, keep {d['keep']}) + one gather, the same total; loop: select + index_select per image "
+        "('= loop': the op's rows equal the loop's, bit for bit). "
         f"Bandwidth floor (sig read + kept rows read and written at copy bandwidth): {res['floor_us']:.1f} µs."), "",
     ]
     rows = []
     for r in res["records"]:
         rows.append([r["strategy"], r["backend"], timer_cell(r["varlen"]), timer_cell(r["dense"]), timer_cell(r["loop"]),
                      r["varlen"].get("timer", ""), fmt(r.get("ratio_dense"), ".2f"), f"< {VARLEN_TARGET_RATIO}",
-                     status_cell(r.get("ratio_dense"), VARLEN_TARGET_RATIO, gpu), fmt(r.get("speedup_loop"), ".1f")])
+                     status_cell(r.get("ratio_dense"), VARLEN_TARGET_RATIO, gpu), fmt(r.get("speedup_loop"), ".1f"),
+                     {True: "yes", False: "**NO**"}.get(r.get("loop_same_kept"), "error")])
     lines += md_table(["strategy", "backend", "varlen µs", "dense µs", "loop µs", "timer", "varlen / dense", "target",
-                     "status", "× loop"], rows)
+                       "status", "× loop", "= loop"], rows)
     return lines + [f"- {n}" for n in res["notes"]]

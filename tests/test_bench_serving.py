@@ -1,10 +1,14 @@
 """Smoke test of the serving benchmarks (`python -m benchmarks.serving`, benchmarks/serving*.py).
 
 On a CPU the benchmark runs every section with tiny shapes and a host timer: this proves that each
-benchmark function runs end to end and that the report holds every number the GPU run will fill,
-so `scripts/gpu_check.sh` does not discover a broken harness on the device. It measures nothing.
+benchmark function runs end to end, that each comparison compares like with like (the q/k op
+scores as the oracle does, the ragged op keeps the per-image loop's rows, the LLaVA prompt shrinks
+by the pruned tokens), that the traffic it reports counts the real tensors, and that the report
+holds a row for every record, so `scripts/gpu_check.sh` does not discover a broken harness on the
+device. It measures nothing.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -61,6 +65,12 @@ def _records_have_no_error(obj) -> bool:
     return not has_error(obj)
 
 
+def _has_row(report: str, *cells) -> bool:
+    """Whether the markdown holds a table row starting with these cells."""
+    head = r"\| " + r" \| ".join(re.escape(str(c)) for c in cells) + r" \|"
+    return re.search("^" + head, report, re.M) is not None
+
+
 def test_every_section_runs_on_cpu_and_reports(tmp_path):
     assert serving.main(["--out", str(tmp_path), "--device", "cpu", "--quick"]) == 0
     data = json.loads((tmp_path / "serving.json").read_text())
@@ -85,6 +95,8 @@ def test_every_section_runs_on_cpu_and_reports(tmp_path):
                     (rec,) = [r for r in qk["records"] if (r["B"], r["op"], r["variant"], r["backend"]) == (b, op, label, backend)]
                     assert rec["us"] > 0 and rec["pct_sdpa"] == pytest.approx(100 * rec["us"] / sdpa[0]["us"])
                     assert rec["sig_max_err"] < 1e-3  # the harness passes the oracle's arguments
+                    assert _has_row(report, b, op, label, backend)
+        assert _has_row(report, b, "**SDPA**")
     assert [m["B"] for m in qk["memory"]] == list(plan.qk.batches)
     for m in qk["memory"]:
         assert len(m["rows"]) == len(serving_qk.QK_VARIANTS) * len(backends)
@@ -98,18 +110,29 @@ def test_every_section_runs_on_cpu_and_reports(tmp_path):
     for r in varlen["records"]:
         assert all(r[name]["us"] > 0 for name in ("varlen", "dense", "loop"))
         assert r["ratio_dense"] == pytest.approx(r["varlen"]["us"] / r["dense"]["us"])
+        assert r["loop_same_kept"] is True  # the loop it is compared with keeps the op's rows
+        assert _has_row(report, r["strategy"], r["backend"])
+    # The reported traffic is the real tensors': sig read once, the kept rows read and written.
+    sets, cu = serving_varlen.varlen_sets(plan.varlen, CPU)
+    tokens, sig = sets[0]
+    pruned = F.prune_tokens_varlen(tokens, sig, cu, plan.varlen.keeps)[0]
+    assert varlen["traffic_bytes"] == sig.nbytes + 2 * pruned.nbytes
+    assert varlen["dense"]["B"] * varlen["dense"]["keep"] == pruned.shape[0]  # dense keeps as many rows
 
     llava = data["llava"]
     if "skipped" in llava:
         pytest.importorskip("transformers")  # skipped only when transformers is missing
     assert _records_have_no_error(llava)
+    n_image = (plan.llava.vision["image_size"] // plan.llava.vision["patch_size"]) ** 2
     for b in plan.llava.batches:
         rows = [r for r in llava["records"] if r["B"] == b]
         assert [r["keep"] for r in rows] == [None, *plan.llava.keeps]
         for r in rows[1:]:
             assert r["image_tokens_per_row"] == [r["keep"]]  # the language model gets `keep` image tokens
+            assert r["seq_len"] == rows[0]["seq_len"] - (n_image - r["keep"])  # and the prompt shrinks by the rest
             assert r["ttft_us"] > 0 and r["prune"]["us"] > 0
             assert r["prune_share_pct"] == pytest.approx(100 * r["prune"]["us"] / r["ttft_us"])
+        assert all(_has_row(report, b, "none (all)" if r["keep"] is None else r["keep"]) for r in rows)
 
     for heading in ("## 1. Significance from q and k", "## 2. Ragged batches", "## 3. LLaVA"):
         assert heading in report

@@ -16,9 +16,10 @@ from fopru_kernels.ops import SCHEMAS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.skipif(not F.HAS_LIBRARY, reason="without the library ops.py defines the schema: nothing to compare")
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_registered_schema_is_the_python_schema(name):
-    # With the library loaded, the schema comes from C++: it must be the string ops.py would define.
+    # The library's schema comes from C++ (TORCH_LIBRARY): it must be the string ops.py would define.
     op = getattr(torch.ops.fopru, name).default
     assert op._schema == torch._C.parse_schema("fopru::" + SCHEMAS[name])
 

@@ -29,14 +29,19 @@ def fixed_point(attn: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64)
 
 
+def focal_use_col(col: list[int], row: list[int]) -> bool:
+    """SPEC.md's focal rule for one image in Python integers (exact at any size): the column sums
+    win iff N * sum(col^2) - sum(col)^2 > N * sum(row^2) - sum(row)^2 (N^2 times each vector's
+    variance); ties go to the row sums."""
+    n = len(col)
+    spread = [n * sum(x * x for x in v) - sum(v) ** 2 for v in (col, row)]
+    return spread[0] > spread[1]
+
+
 def _focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True where the column sums have the larger variance (ties go to the rows)."""
-    n = col.shape[1]
-    colf, rowf = col.double(), row.double()
-    m = colf.sum(dim=1, keepdim=True) / n
-    vc = ((colf - m) ** 2).sum(dim=1)
-    vr = ((rowf - m) ** 2).sum(dim=1)
-    return vc > vr
+    """(B,) bool: True where the column sums (B, N) int64 win the focal rule over the row sums."""
+    use_col = [focal_use_col(c, r) for c, r in zip(col.tolist(), row.tolist())]
+    return torch.tensor(use_col, dtype=torch.bool, device=col.device).reshape(col.shape[0])
 
 
 def significance_and_choice(

@@ -272,7 +272,7 @@ void compute_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<
   });
 }
 
-// sig[0..N) = col or row of one image by the focal variance rule.
+// sig[0..N) = col or row of one image by the exact focal rule.
 void choose_focal(const int64_t* col, const int64_t* row, int64_t n, int64_t* sig) {
   const int64_t* src = cpu::focal_prefers_col(col, row, n) ? col : row;
   std::copy(src, src + n, sig);

@@ -21,8 +21,8 @@ Launches per call (lse: natural-log logsumexp over all S keys; "given" means pas
   closed form is only as good as the caller's lse, while the direct sum is SPEC.md's formula for
   any lse. Each program stores its partial row sums (float32, its key block only) and
   ``_row_means_kernel`` adds them in key-block order, so the result is deterministic.
-- Then ``focal`` picks col or row with ``prune_tokens.py``'s variance rule, in ``_focal_sig_kernel``
-  or inside the fused selection + gather kernel.
+- Then ``focal`` picks col or row with ``prune_tokens.py``'s exact integer rule, in
+  ``focal_significance`` or inside the fused selection + gather kernel.
 
 Not measured on a GPU yet: the GPU block sizes below are first choices, not tuned values.
 """
@@ -351,9 +351,7 @@ def significance_qk(
         sums = _patch_means(q, k, num_prefix, scale, lse, kind, rows=score == "focal")
         if score == "received":
             return sums[0]
-        sig = torch.empty(b, n, dtype=torch.int64, device=q.device)
-        tk._focal_sig_kernel[(b,)](sums[0], sums[1], sig, n, BLOCK=min(_pow2(n), 1024))
-    return sig
+        return tk.focal_significance(sums[0], sums[1])
 
 
 def prune_tokens_qk(

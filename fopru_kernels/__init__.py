@@ -2,7 +2,8 @@
 
 Importing the package loads the compiled library when it was built, which registers
 torch.ops.fopru.{significance, select, prune_tokens} and the q/k and
-ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen}; otherwise the same ops are defined in Python.
+ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen} and the staged q/k ops
+{significance_qk_parts, significance_from_parts}; otherwise the same ops are defined in Python.
 """
 from .ops import (
     HAS_CUDA_KERNELS,
@@ -13,7 +14,9 @@ from .ops import (
     prune_tokens_varlen,
     select,
     significance,
+    significance_from_parts,
     significance_qk,
+    significance_qk_parts,
 )
 from .reference import positions, positions_varlen, retained_count
 
@@ -29,6 +32,8 @@ __all__ = [
     "retained_count",
     "select",
     "significance",
+    "significance_from_parts",
     "significance_qk",
+    "significance_qk_parts",
 ]
 __version__ = "0.1.0"

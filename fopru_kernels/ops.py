@@ -33,6 +33,11 @@ SCHEMAS = {
         'prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy="rank", '
         'int[]? grids=None) -> (Tensor, Tensor, Tensor)'
     ),
+    "significance_qk_parts": (
+        'significance_qk_parts(Tensor q, Tensor k, str score="focal", int num_prefix=1, float? scale=None, '
+        'Tensor? lse=None, str kind="prob", str layout="bhsd") -> Tensor'
+    ),
+    "significance_from_parts": "significance_from_parts(Tensor parts) -> Tensor",
 }
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
@@ -76,6 +81,8 @@ if not HAS_LIBRARY:
     # The q/k ops' CPU kernel is C++ (csrc/cpu/significance_qk.cpp); without it, the float64 oracle.
     _def.impl("significance_qk", reference_qk.significance_qk, "CPU")
     _def.impl("prune_tokens_qk", reference_qk.prune_tokens_qk, "CPU")
+    _def.impl("significance_qk_parts", reference_qk.significance_qk_parts, "CPU")
+    _def.impl("significance_from_parts", reference.significance_from_parts, "CPU")
     for _name in SCHEMAS:  # inference-only, as in C++: outputs never require grad
         _def.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
@@ -140,6 +147,21 @@ def _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy="rank", 
                                   None if grids is None else list(grids))
 
 
+def _triton_significance_qk_parts(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                  layout="bhsd"):
+    scale = _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    from .triton import significance_qk as tq
+
+    return tq.significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def _triton_significance_from_parts(parts):
+    _checks.check_parts(parts)
+    from .triton import significance_qk as tq
+
+    return tq.significance_from_parts(parts)
+
+
 _TRITON_IMPLS = {
     "significance": _triton_significance,
     "select": _triton_select,
@@ -147,6 +169,8 @@ _TRITON_IMPLS = {
     "significance_qk": _triton_significance_qk,
     "prune_tokens_qk": _triton_prune_tokens_qk,
     "prune_tokens_varlen": _triton_prune_tokens_varlen,
+    "significance_qk_parts": _triton_significance_qk_parts,
+    "significance_from_parts": _triton_significance_from_parts,
 }
 
 # The C++ CUDA kernels are the production path; an op the library was built without goes to its
@@ -390,3 +414,67 @@ def prune_tokens_varlen(
     if backend == "triton":
         return _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
     return _OP_VARLEN(tokens, sig, cu_seqlens, keep, strategy, grids)
+
+
+# Staged q/k significance for tensor parallelism: each rank sums its heads' fx values
+# (significance_qk_parts), the ranks add their parts (exact int64), and one call makes the choice.
+@torch.library.register_fake("fopru::significance_qk_parts")
+def _significance_qk_parts_fake(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                layout="bhsd"):
+    _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    b, _, s, _ = _checks.qk_dims(q, layout)
+    return q.new_empty((b, 2 if score == "focal" else 1, s - num_prefix), dtype=torch.int64)
+
+
+@torch.library.register_fake("fopru::significance_from_parts")
+def _significance_from_parts_fake(parts):
+    _checks.check_parts(parts)
+    return parts.new_empty((parts.shape[0], parts.shape[2]))
+
+
+_OP_SIG_QK_PARTS = torch.ops.fopru.significance_qk_parts.default
+_OP_FROM_PARTS = torch.ops.fopru.significance_from_parts.default
+
+
+def significance_qk_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    score: str = "focal",
+    num_prefix: int = 1,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The sums significance_qk chooses from (SPEC.md "Significance from q and k"): q, k as in
+    significance_qk -> (B, C, N) int64, C = 2 for 'focal' ([:, 0] column sums, [:, 1] row sums)
+    and 1 for 'cls' / 'received', each a sum over heads of fx values.
+
+    Parts of disjoint head subsets add up exactly (int64), so under tensor parallelism each rank
+    computes its heads' parts, the ranks sum them, and significance_from_parts makes the choice.
+    """
+    if backend == "auto":
+        return _OP_SIG_QK_PARTS(q, k, score, num_prefix, scale, lse, kind, layout)
+    _require(backend, q)
+    if backend == "reference":
+        return reference_qk.significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout)
+    if backend == "triton":
+        return _triton_significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout)
+    return _OP_SIG_QK_PARTS(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def significance_from_parts(parts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Significance from (summed) parts: (B, C, N) int64 -> (B, N) int64, the exact focal choice
+    between parts[:, 0] (column sums) and parts[:, 1] (row sums) for C = 2, parts[:, 0] for C = 1.
+
+    significance_from_parts(significance_qk_parts(...)) equals significance_qk(...) bit for bit.
+    """
+    if backend == "auto":
+        return _OP_FROM_PARTS(parts)
+    _require(backend, parts)
+    if backend == "reference":
+        return reference.significance_from_parts(parts)
+    if backend == "triton":
+        return _triton_significance_from_parts(parts)
+    return _OP_FROM_PARTS(parts)

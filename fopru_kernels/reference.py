@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._checks import check_prune, check_prune_varlen, check_select, check_significance, resolve_grid
+from ._checks import check_parts, check_prune, check_prune_varlen, check_select, check_significance, resolve_grid
 
 FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
 FX_CLAMP = 256.0
@@ -78,6 +78,21 @@ def significance(attn: torch.Tensor, score: str = "focal", num_prefix: int = 1) 
     Returns (B, N) int64 fixed-point sums.
     """
     return significance_and_choice(attn, score, num_prefix)[0]
+
+
+def significance_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """Significance from its parts, SPEC.md "Significance from q and k": parts (B, C, N) int64 ->
+    (B, N) int64 contiguous, parts[:, 0] for C = 1, the focal choice between parts[:, 0] (column
+    sums) and parts[:, 1] (row sums) for C = 2."""
+    check_parts(parts)
+    return _from_parts(parts)
+
+
+def _from_parts(parts: torch.Tensor) -> torch.Tensor:
+    if parts.shape[1] == 1:
+        return parts[:, 0].clone(memory_format=torch.contiguous_format)
+    col, row = parts[:, 0], parts[:, 1]
+    return torch.where(_focal_choice(col, row)[:, None], col, row).contiguous()
 
 
 def _top_in_order(score: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The focal choice in exact integers (SPEC.md "Significance").
+"""The focal choice in exact integers (SPEC.md "Significance"), and the staged q/k API built on it
+(SPEC.md "Significance from q and k": significance_qk_parts, significance_from_parts).
 
 Every backend available here (reference, C++ CPU, Triton under TRITON_INTERPRET=1; CUDA and Triton
 on a GPU in the tests marked `cuda`) must make the same choice, and so keep the same tokens, on
@@ -9,11 +10,17 @@ Fraction (mean of squares minus squared mean), compared directly.
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fopru_kernels as F
 from cases import Case, make_inputs
@@ -170,6 +177,162 @@ def test_saturated_and_symmetric_cases(backend, values, seed):
     assert torch.equal(pruned, reference.gather_rows(tokens, idx))
 
 
+# ----------------------------------------------------------------------------- from parts
+
+
+def from_parts_oracle(parts: torch.Tensor) -> torch.Tensor:
+    if parts.shape[1] == 1:
+        return parts[:, 0]
+    return expected_sig(parts[:, 0], parts[:, 1])
+
+
+def one_unit_parts() -> torch.Tensor:
+    """Images whose N * sum(x^2) - sum(x)^2 differ by exactly one unit (or zero) between the column
+    and the row sums, at the ends of int64: (t, t + 1) has N^2 var = 1, (u, u) has 0."""
+    t, u = 2**62, -(2**62)
+    pairs = [
+        ((t, t + 1), (u, u)),  # col by 1
+        ((u, u), (t, t + 1)),  # row by 1
+        ((t, t + 1), (u, u + 1)),  # tie: row
+        ((INT64_MAX - 1, INT64_MAX), (INT64_MIN, INT64_MIN)),  # col by 1
+        ((INT64_MIN, INT64_MIN + 1), (INT64_MAX, INT64_MAX)),  # col by 1
+        ((INT64_MIN, INT64_MAX), (INT64_MAX, INT64_MIN)),  # tie: row
+    ]
+    return torch.tensor(pairs, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_from_parts_one_unit(backend):
+    parts = one_unit_parts()
+    assert [wants_col(list(c), list(r)) for c, r in parts.tolist()] == [True, False, False, True, True, False]
+    assert torch.equal(F.significance_from_parts(parts, backend=backend), from_parts_oracle(parts))
+
+
+INT64 = st.one_of(
+    st.integers(INT64_MIN, INT64_MAX),
+    st.sampled_from([INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 0, 1, -1, 2**62, -(2**62), 2**36]),
+    st.integers(-3, 3),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    b=st.integers(0, 3),
+    c=st.sampled_from([1, 2]),
+    n=st.integers(1, 40),
+    layout=st.sampled_from(["contiguous", "permuted"]),
+)
+def test_from_parts_fuzz(data, b, c, n, layout):
+    # Any int64 parts at all: the choice is exact for every value (fopru.h), not only for sums of fx.
+    mode = data.draw(st.sampled_from(["any", "equal totals", "permutation"]))
+    rows = []
+    for _ in range(b):
+        col = data.draw(st.lists(INT64, min_size=n, max_size=n))
+        if mode == "permutation":
+            row = data.draw(st.permutations(col))
+        else:
+            row = data.draw(st.lists(INT64, min_size=n, max_size=n))
+            if mode == "equal totals":  # fix the last entry where the total still fits int64
+                last = sum(col) - sum(row[:-1])
+                row[-1] = last if INT64_MIN <= last <= INT64_MAX else row[-1]
+        rows.append([col, row][:c])
+    parts = torch.tensor(rows, dtype=torch.int64).reshape(b, c, n)
+    if layout == "permuted":  # (B, C, N) with N outermost in memory
+        parts = parts.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    want = from_parts_oracle(parts)
+    for backend in cpu_backends():
+        got = F.significance_from_parts(parts, backend=backend)
+        assert got.shape == (b, n) and got.is_contiguous()
+        assert torch.equal(got, want), backend
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_from_parts_is_a_new_tensor(backend):
+    parts = torch.arange(12, dtype=torch.int64).reshape(2, 1, 6)
+    sig = F.significance_from_parts(parts, backend=backend)
+    sig[0, 0] = -5
+    assert parts[0, 0, 0] == 0
+
+
+# ----------------------------------------------------------------------------- staged q/k
+
+
+def qk(b=2, h=4, s=17, d=8, layout="bhsd", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, s, d, generator=gen) for _ in range(2))
+    scale = d**-0.5
+    lse = torch.logsumexp(scale * (q.double() @ k.double().transpose(-1, -2)), dim=-1).float()
+    if layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q, k, lse
+
+
+def heads(t: torch.Tensor, layout: str, lo: int, hi: int) -> torch.Tensor:
+    return t[:, lo:hi] if layout == "bhsd" else t[:, :, lo:hi]
+
+
+STAGED = [("focal", "prob", False), ("focal", "prob", True), ("focal", "logit", False), ("received", "prob", True),
+          ("received", "logit", False), ("cls", "prob", False), ("cls", "logit", False)]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("score,kind,given_lse", STAGED)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_parts_make_significance_qk(backend, score, kind, given_lse, layout):
+    q, k, lse = qk(layout=layout, seed=len(score) + len(kind))
+    lse = lse if given_lse else None
+    args = (score, 1, None, lse, kind, layout)
+    parts = F.significance_qk_parts(q, k, *args, backend=backend)
+    assert parts.dtype == torch.int64 and parts.is_contiguous()
+    assert parts.shape == (2, 2 if score == "focal" else 1, 16)
+    sig = F.significance_qk(q, k, *args, backend=backend)
+    assert torch.equal(F.significance_from_parts(parts, backend=backend), sig)
+    if score == "focal":
+        assert not torch.equal(parts[:, 0], parts[:, 1])
+    # Tensor parallelism: each rank's heads give their own parts; their sum is the whole.
+    split = [heads(t, layout, 0, 1) for t in (q, k)], [heads(t, layout, 1, 4) for t in (q, k)]
+    lses = (None, None) if lse is None else (lse[:, :1], lse[:, 1:])
+    total = sum(F.significance_qk_parts(*qk_, score, 1, None, l_, kind, layout, backend=backend)
+                for qk_, l_ in zip(split, lses))
+    assert torch.equal(total, parts)
+    assert torch.equal(F.significance_from_parts(total, backend=backend), sig)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_parts_empty_batch(backend):
+    q, k, _ = qk(b=0)
+    assert F.significance_qk_parts(q, k, backend=backend).shape == (0, 2, 16)
+    assert F.significance_from_parts(torch.zeros(0, 2, 16, dtype=torch.int64), backend=backend).shape == (0, 16)
+
+
+def test_staged_ops_compile():
+    q, k, _ = qk()
+
+    @torch.compile(fullgraph=True)
+    def staged(a, b):
+        return torch.ops.fopru.significance_from_parts(torch.ops.fopru.significance_qk_parts(a * 1, b, "focal"))
+
+    assert torch.equal(staged(q, k), F.significance_qk(q, k))
+
+
+def test_pure_python_fallback_staged_ops():
+    # Without the compiled library the staged ops are defined in Python and served by the reference.
+    code = (
+        "import torch, fopru_kernels as F\n"
+        "assert not F.HAS_LIBRARY\n"
+        "q, k = torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4)\n"
+        "p = torch.ops.fopru.significance_qk_parts(q, k, 'focal')\n"
+        "assert p.shape == (2, 2, 9)\n"
+        "assert torch.equal(torch.ops.fopru.significance_from_parts(p), F.significance_qk(q, k))\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, FOPRU_DISABLE_LIBRARY="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 GPU_BACKENDS = [
@@ -180,8 +343,6 @@ GPU_BACKENDS = [
 
 @pytest.fixture
 def gpu(cuda_device):
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set: the GPU tests need compiled kernels")
     return cuda_device
@@ -213,3 +374,34 @@ def test_saturated_map_gpu(gpu, backend):
     for strategy in ("rank", "row"):
         _, idx = F.prune_tokens(tokens.to(gpu), attn.to(gpu), 16, strategy, "focal", backend=backend)
         assert torch.equal(idx.cpu(), reference.select(want, 16, strategy, (8, 8)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_from_parts_gpu(gpu, backend):
+    rng = random.Random(3)
+    ends = [INT64_MIN, INT64_MAX, 0, 1, -1, 2**62]
+    parts = torch.tensor([[[rng.choice(ends) if rng.random() < 0.5 else rng.randint(INT64_MIN, INT64_MAX)
+                            for _ in range(37)] for _ in range(2)] for _ in range(5)], dtype=torch.int64)
+    for p in (one_unit_parts(), parts, parts[:, :1], parts.permute(2, 0, 1).contiguous().permute(1, 2, 0)):
+        assert torch.equal(F.significance_from_parts(p.to(gpu), backend=backend).cpu(), from_parts_oracle(p))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("score,kind,given_lse", STAGED)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_parts_make_significance_qk_gpu(gpu, backend, score, kind, given_lse, layout):
+    q, k, lse = (t.to(gpu) for t in qk(b=3, h=16, s=577, d=64, layout=layout))
+    lse = lse if given_lse else None
+    args = (score, 1, None, lse, kind, layout)
+    parts = F.significance_qk_parts(q, k, *args, backend=backend)
+    assert parts.shape == (3, 2 if score == "focal" else 1, 576)
+    sig = F.significance_qk(q, k, *args, backend=backend)
+    assert torch.equal(F.significance_from_parts(parts, backend=backend), sig)
+    lses = (None, None) if lse is None else (lse[:, :8], lse[:, 8:])
+    total = sum(F.significance_qk_parts(heads(q, layout, lo, hi).contiguous(), heads(k, layout, lo, hi).contiguous(),
+                                        score, 1, None, None if l_ is None else l_.contiguous(), kind, layout,
+                                        backend=backend)
+                for (lo, hi), l_ in zip(((0, 8), (8, 16)), lses))
+    assert torch.equal(total, parts)

@@ -110,7 +110,7 @@ PYTEST_OPTS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
 # Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
-step tests 150 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py tests/test_errors.py -v -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
+step tests 150 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_errors.py -v -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 
 # (d) benchmark reports: report.md, report.json, latency.png; serving.md, serving.json
 step bench 100 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"

@@ -273,6 +273,13 @@ PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const 
   return PruneQkArgs{qa, se, tokens.size(2)};
 }
 
+void check_parts(const at::Tensor& parts) {
+  if (parts.dim() != 3 || parts.scalar_type() != at::kLong || (parts.size(1) != 1 && parts.size(1) != 2)) {
+    fail("parts must be a 3-D (B, C, N) int64 tensor with C = 2 (focal: column and row sums) or 1, got ",
+         dtype_name(parts.scalar_type()), " ", py_seq(parts.sizes(), true));
+  }
+}
+
 VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens,
                               at::IntArrayRef keep, std::string_view strategy, at::OptionalIntArrayRef grids) {
   check_tokens(tokens, 2, "(T, D)");
@@ -370,6 +377,10 @@ TORCH_LIBRARY(fopru, m) {
   m.def(
       "prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy=\"rank\", "
       "int[]? grids=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "significance_qk_parts(Tensor q, Tensor k, str score=\"focal\", int num_prefix=1, float? scale=None, "
+      "Tensor? lse=None, str kind=\"prob\", str layout=\"bhsd\") -> Tensor");
+  m.def("significance_from_parts(Tensor parts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fopru, CPU, m) {
@@ -387,4 +398,6 @@ TORCH_LIBRARY_IMPL(fopru, Autograd, m) {
   m.impl("significance_qk", torch::CppFunction::makeFallthrough());
   m.impl("prune_tokens_qk", torch::CppFunction::makeFallthrough());
   m.impl("prune_tokens_varlen", torch::CppFunction::makeFallthrough());
+  m.impl("significance_qk_parts", torch::CppFunction::makeFallthrough());
+  m.impl("significance_from_parts", torch::CppFunction::makeFallthrough());
 }

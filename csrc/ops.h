@@ -73,6 +73,8 @@ PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const 
                            int64_t num_prefix, at::OptionalIntArrayRef grid,
                            std::optional<double> scale, const std::optional<at::Tensor>& lse,
                            std::string_view kind, std::string_view layout);
+// significance_from_parts: parts (B, C, N) int64 with C = 2 (focal: column, row sums) or 1.
+void check_parts(const at::Tensor& parts);
 VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig,
                               const at::Tensor& cu_seqlens, at::IntArrayRef keep,
                               std::string_view strategy, at::OptionalIntArrayRef grids);

@@ -2,7 +2,8 @@
 
 Importing the package loads the compiled library when it was built, which registers
 torch.ops.fopru.{significance, select, prune_tokens} and the q/k and
-ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen}; otherwise the same ops are defined in Python.
+ragged-batch ops {significance_qk, prune_tokens_qk, prune_tokens_varlen} and the staged q/k ops
+{significance_qk_parts, significance_from_parts}; otherwise the same ops are defined in Python.
 Which kernel serves them on CPU and CUDA tensors is chosen once, at import, from FOPRU_BACKEND
 (fopru_kernels.backends; `default_backend(device)` tells the choice).
 """
@@ -16,7 +17,9 @@ from .ops import (
     prune_tokens_varlen,
     select,
     significance,
+    significance_from_parts,
     significance_qk,
+    significance_qk_parts,
 )
 from .reference import positions, positions_varlen, retained_count
 
@@ -33,6 +36,8 @@ __all__ = [
     "retained_count",
     "select",
     "significance",
+    "significance_from_parts",
     "significance_qk",
+    "significance_qk_parts",
 ]
 __version__ = "0.1.0"

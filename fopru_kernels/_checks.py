@@ -191,6 +191,15 @@ def check_prune_qk(tokens, q, k, keep: int, strategy: str, score: str, num_prefi
     return rows, cols, scale
 
 
+def check_parts(parts) -> None:
+    """Validates significance_from_parts()'s input: (B, C, N) int64, C = 2 (focal) or 1."""
+    if not isinstance(parts, torch.Tensor):
+        _fail(f"parts must be a torch.Tensor, got {type(parts).__name__}")
+    if parts.dim() != 3 or parts.dtype != torch.int64 or parts.shape[1] not in (1, 2):
+        _fail(f"parts must be a 3-D (B, C, N) int64 tensor with C = 2 (focal: column and row sums) or 1, "
+              f"got {_dtype_name(parts.dtype)} {tuple(parts.shape)}")
+
+
 def _check_tokens(tokens, dims: int = 3, shape: str = "(B, N, D)") -> None:
     if not isinstance(tokens, torch.Tensor):
         _fail(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")

@@ -37,6 +37,11 @@ SCHEMAS = {
         'prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy="rank", '
         'int[]? grids=None) -> (Tensor, Tensor, Tensor)'
     ),
+    "significance_qk_parts": (
+        'significance_qk_parts(Tensor q, Tensor k, str score="focal", int num_prefix=1, float? scale=None, '
+        'Tensor? lse=None, str kind="prob", str layout="bhsd") -> Tensor'
+    ),
+    "significance_from_parts": "significance_from_parts(Tensor parts) -> Tensor",
 }
 
 BACKENDS = backends.BACKENDS
@@ -99,6 +104,8 @@ _REFERENCE_IMPLS = {
     "significance_qk": lambda *args: reference_qk.significance_qk(*args),
     "prune_tokens_qk": lambda *args: reference_qk.prune_tokens_qk(*args),
     "prune_tokens_varlen": lambda *args: reference.prune_tokens_varlen(*args),
+    "significance_qk_parts": lambda *args: reference_qk.significance_qk_parts(*args),
+    "significance_from_parts": lambda parts: reference.significance_from_parts(parts),
 }
 
 
@@ -155,6 +162,21 @@ def _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy="rank", 
                                   None if grids is None else list(grids))
 
 
+def _triton_significance_qk_parts(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                  layout="bhsd"):
+    scale = _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    from .triton import significance_qk as tq
+
+    return tq.significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def _triton_significance_from_parts(parts):
+    _checks.check_parts(parts)
+    from .triton import significance_qk as tq
+
+    return tq.significance_from_parts(parts)
+
+
 _TRITON_IMPLS = {
     "significance": _triton_significance,
     "select": _triton_select,
@@ -162,6 +184,8 @@ _TRITON_IMPLS = {
     "significance_qk": _triton_significance_qk,
     "prune_tokens_qk": _triton_prune_tokens_qk,
     "prune_tokens_varlen": _triton_prune_tokens_varlen,
+    "significance_qk_parts": _triton_significance_qk_parts,
+    "significance_from_parts": _triton_significance_from_parts,
 }
 
 INSTALL = backends.Install(HAS_LIBRARY, CUDA_KERNEL_OPS, frozenset(_TRITON_IMPLS) if _has_triton() else frozenset())
@@ -235,6 +259,18 @@ def _prune_tokens_varlen_fake(tokens, sig, cu_seqlens, keep, strategy="rank", gr
             cu_seqlens.new_empty(cu_seqlens.shape))
 
 
+def _significance_qk_parts_fake(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                layout="bhsd"):
+    _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    b, _, s, _ = _checks.qk_dims(q, layout)
+    return q.new_empty((b, 2 if score == "focal" else 1, s - num_prefix), dtype=torch.int64)
+
+
+def _significance_from_parts_fake(parts):
+    _checks.check_parts(parts)
+    return parts.new_empty((parts.shape[0], parts.shape[2]))
+
+
 _FAKES = {
     "significance": _significance_fake,
     "select": _select_fake,
@@ -242,6 +278,8 @@ _FAKES = {
     "significance_qk": _significance_qk_fake,
     "prune_tokens_qk": _prune_tokens_qk_fake,
     "prune_tokens_varlen": _prune_tokens_varlen_fake,
+    "significance_qk_parts": _significance_qk_parts_fake,
+    "significance_from_parts": _significance_from_parts_fake,
 }
 for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"fopru::{_name}")(_fake)
@@ -435,3 +473,34 @@ def prune_tokens_varlen(
     """
     keep = [int(v) for v in keep]
     return _call("prune_tokens_varlen", backend, (tokens, sig, cu_seqlens, keep, strategy, _checks.flat_grids(grids)))
+
+
+def significance_qk_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    score: str = "focal",
+    num_prefix: int = 1,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The sums significance_qk chooses from (SPEC.md "Significance from q and k"): q, k as in
+    significance_qk -> (B, C, N) int64, C = 2 for 'focal' ([:, 0] column sums, [:, 1] row sums)
+    and 1 for 'cls' / 'received', each a sum over heads of fx values.
+
+    Parts of disjoint head subsets add up exactly (int64), so under tensor parallelism each rank
+    computes its heads' parts, the ranks sum them, and significance_from_parts makes the choice.
+    """
+    return _call("significance_qk_parts", backend, (q, k, score, num_prefix, scale, lse, kind, layout))
+
+
+def significance_from_parts(parts: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Significance from (summed) parts: (B, C, N) int64 -> (B, N) int64, the exact focal choice
+    between parts[:, 0] (column sums) and parts[:, 1] (row sums) for C = 2, parts[:, 0] for C = 1.
+
+    significance_from_parts(significance_qk_parts(...)) equals significance_qk(...) bit for bit.
+    """
+    return _call("significance_from_parts", backend, (parts,))

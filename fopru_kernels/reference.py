@@ -11,7 +11,9 @@ import math
 
 import torch
 
-from ._checks import check_prune, check_prune_varlen, check_select, check_significance, flat_grids, resolve_grid
+from ._checks import (
+    check_parts, check_prune, check_prune_varlen, check_select, check_significance, flat_grids, resolve_grid,
+)
 
 FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
 FX_CLAMP = 256.0
@@ -29,14 +31,19 @@ def fixed_point(attn: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64)
 
 
+def focal_use_col(col: list[int], row: list[int]) -> bool:
+    """SPEC.md's focal rule for one image in Python integers (exact at any size): the column sums
+    win iff N * sum(col^2) - sum(col)^2 > N * sum(row^2) - sum(row)^2 (N^2 times each vector's
+    variance); ties go to the row sums."""
+    n = len(col)
+    spread = [n * sum(x * x for x in v) - sum(v) ** 2 for v in (col, row)]
+    return spread[0] > spread[1]
+
+
 def _focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True where the column sums have the larger variance (ties go to the rows)."""
-    n = col.shape[1]
-    colf, rowf = col.double(), row.double()
-    m = colf.sum(dim=1, keepdim=True) / n
-    vc = ((colf - m) ** 2).sum(dim=1)
-    vr = ((rowf - m) ** 2).sum(dim=1)
-    return vc > vr
+    """(B,) bool: True where the column sums (B, N) int64 win the focal rule over the row sums."""
+    use_col = [focal_use_col(c, r) for c, r in zip(col.tolist(), row.tolist())]
+    return torch.tensor(use_col, dtype=torch.bool, device=col.device).reshape(col.shape[0])
 
 
 def significance_and_choice(
@@ -73,6 +80,21 @@ def significance(attn: torch.Tensor, score: str = "focal", num_prefix: int = 1) 
     Returns (B, N) int64 fixed-point sums.
     """
     return significance_and_choice(attn, score, num_prefix)[0]
+
+
+def significance_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """Significance from its parts, SPEC.md "Significance from q and k": parts (B, C, N) int64 ->
+    (B, N) int64 contiguous, parts[:, 0] for C = 1, the focal choice between parts[:, 0] (column
+    sums) and parts[:, 1] (row sums) for C = 2."""
+    check_parts(parts)
+    return _from_parts(parts)
+
+
+def _from_parts(parts: torch.Tensor) -> torch.Tensor:
+    if parts.shape[1] == 1:
+        return parts[:, 0].clone(memory_format=torch.contiguous_format)
+    col, row = parts[:, 0], parts[:, 1]
+    return torch.where(_focal_choice(col, row)[:, None], col, row).contiguous()
 
 
 def _top_in_order(score: torch.Tensor, count: int) -> torch.Tensor:

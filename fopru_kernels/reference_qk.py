@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_prune_qk, check_significance_qk
-from .reference import _focal_choice, _select, fixed_point, gather_rows
+from .reference import _select, fixed_point, gather_rows, significance_from_parts
 
 
 def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -56,6 +56,23 @@ def values_qk(
     return first, rows
 
 
+def significance_qk_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    score: str = "focal",
+    num_prefix: int = 1,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+) -> torch.Tensor:
+    """The sums the significance is chosen from: (B, C, N) int64, C = 2 for 'focal' ([:, 0] column
+    sums, [:, 1] row sums), else 1; each a sum over heads of fx values (SPEC.md)."""
+    first, rows = values_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    parts = [fixed_point(v).sum(dim=1) for v in (first, rows) if v is not None]
+    return torch.stack(parts, dim=1)
+
+
 def significance_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,12 +84,7 @@ def significance_qk(
     layout: str = "bhsd",
 ) -> torch.Tensor:
     """Token significance from q and k: (B, N) int64, SPEC.md "Significance from q and k"."""
-    first, rows = values_qk(q, k, score, num_prefix, scale, lse, kind, layout)
-    col = fixed_point(first).sum(dim=1)
-    if rows is None:
-        return col
-    row = fixed_point(rows).sum(dim=1)
-    return torch.where(_focal_choice(col, row)[:, None], col, row)
+    return significance_from_parts(significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout))
 
 
 def prune_tokens_qk(

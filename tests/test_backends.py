@@ -151,7 +151,7 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
     assert triton_launches, "the CUDA slot did not run a Triton kernel"
     want = call(op, args, "reference")
     for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
-        if op.endswith("_qk"):  # q/k significance rounds differently from the float64 oracle
+        if "_qk" in op:  # q/k significance rounds differently from the float64 oracle
             continue
         assert torch.equal(g, w)
     if F.HAS_CUDA_KERNELS:  # the C++ kernel stays registered under the Python one
@@ -311,6 +311,6 @@ def test_explicit_cuda_runs_the_cxx_kernel(op, cuda_device, triton_launches):
     torch.cuda.synchronize()
     assert not triton_launches
     want = call(op, tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), "reference")
-    if not op.endswith("_qk"):  # q/k significance rounds differently from the float64 oracle (test_qk.py)
+    if not "_qk" in op:  # q/k significance rounds differently from the float64 oracle (test_qk.py)
         for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
             assert torch.equal(g.cpu(), w)

@@ -43,6 +43,11 @@ def _opcheck_args():
         (torch.ops.fopru.prune_tokens_qk.default, (tokens, q, k, 8, "row", "received", 1, [4, 4], None, lse, "prob", "bhsd")),
         (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu, [3, 4], "rank", None)),
         (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu.int(), [3, 5], "row", [2, 3, 2, 5])),
+        (torch.ops.fopru.significance_qk_parts.default, (q, k, "focal", 1, None, lse, "prob", "bhsd")),
+        (torch.ops.fopru.significance_qk_parts.default, (q.transpose(1, 2), k.transpose(1, 2), "cls", 1, 0.5, None,
+                                                         "logit", "bshd")),
+        (torch.ops.fopru.significance_from_parts.default, (torch.stack([sig, sig.flip(1)], dim=1),)),
+        (torch.ops.fopru.significance_from_parts.default, (sig[:, None],)),
     ]
 
 

@@ -26,6 +26,9 @@ they compute the right values or run fast: the GPU tests and benchmarks check th
     python scripts/triton_compile_check.py [--arch 90|80] [-j JOBS] [--case TEXT] [--json FILE] [-v]
     PYTHONPATH=DIR python scripts/triton_compile_check.py --expect-triton 3.6.0   # Triton from DIR
 
+Triton's cache for the run is a fresh temporary directory, removed at the end (or the directory
+named by FOPRU_COMPILE_CHECK_CACHE, removed too): a cached kernel would skip ptxas and its log.
+
 Adding a case is one line in CASES of triton_compile_grid.py; a new kernel (the packed q/k varlen
 kernels, say) or constexpr parameter also needs its DOMAINS entry there, and its launcher must ask
 ``target.for_gpu(device)`` / ``target.sm_count(device)``, never ``device.type``, so that it takes

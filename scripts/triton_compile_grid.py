@@ -24,6 +24,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 
 
 def pow2(lo: int, hi: int) -> tuple[int, ...]:
+    """The powers of two from lo to hi (both powers of two), the block sizes launchers pick."""
     return tuple(1 << i for i in range(lo.bit_length() - 1, hi.bit_length()))
 
 

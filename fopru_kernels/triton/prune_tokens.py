@@ -28,12 +28,13 @@ significance ~1 us, the rest the in-register selection, which is issue-bound); f
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from . import target
 
 FX_SCALE = tl.constexpr(268435456.0)  # 2^28: exact, so float32 and float64 give the same bits
 FX_CLAMP = tl.constexpr(256.0)
@@ -523,20 +524,14 @@ def _units(n: int, strategy: str, cols: int) -> tuple[int, int]:
     return (n // cols, cols) if strategy == "row" else (n, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _rows_per_program(batch: int, keep: int, device: torch.device) -> int:
     """Output rows per gather program. On a GPU: at most one program per SM, since every program
     of the fused kernel recomputes the selection, an issue-bound job that slows down when two
     programs share an SM. Under the interpreter (CPU tensors) programs run one after another:
     few, large ones."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return min(_pow2(keep), 256)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(_pow2(triton.cdiv(batch * keep, sms)), 64)
+    return min(_pow2(triton.cdiv(batch * keep, target.sm_count(device))), 64)
 
 
 def _block_d(d: int, rows: int) -> int:
@@ -545,7 +540,7 @@ def _block_d(d: int, rows: int) -> int:
 
 def _map_config(batch: int, heads: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """(query rows, keys, heads) per _map_sums_kernel program."""
-    if device.type != "cuda":  # the interpreter runs programs one after another: few, large tiles
+    if not target.for_gpu(device):  # the interpreter runs programs one after another: few, large tiles
         return 64, min(1024, _pow2(n)), max(heads, 1)
     qblocks = triton.cdiv(n, _MAP_BLOCK_Q)
     # Group heads per program (fewer atomics) only while there are programs to spare.

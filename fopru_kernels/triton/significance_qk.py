@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import prune_tokens as tk
+from . import target
 from .prune_tokens import _device_of, _fx, _pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -236,20 +237,20 @@ def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _tile_config(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M query rows, BLOCK_N keys, warps) of the tl.dot kernels."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return _CPU_BLOCK, _CPU_BLOCK, 4
     return _GPU_BLOCK_M, _GPU_BLOCK_N, 4
 
 
 def _dot_flags(q: torch.Tensor) -> tuple[bool, bool]:
     """(UPCAST, IEEE) of _dot_logits for q's dtype and device."""
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not target.for_gpu(q.device)
     return upcast, upcast or q.dtype == torch.float32
 
 
 def _vec_block(n: int, block_d: int, device: torch.device) -> int:
     """Tokens per program of the elementwise (tokens x d) kernels."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return max(1, min(_pow2(n), 1024))
     return max(16, min(_pow2(n), _VEC_TILE // block_d))
 
@@ -258,10 +259,9 @@ def _cls_block(batch: int, n: int, block_d: int, device: torch.device) -> int:
     """Tokens per _cls_kernel program: on a GPU, small enough for about two programs per SM (its
     head loop is latency-bound, so a small batch needs the spread), at most the tile cap."""
     block = _vec_block(n, block_d, device)
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return block
-    sms = tk._sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(block, max(16, _pow2(triton.cdiv(batch * n, 2 * sms))))
+    return min(block, max(16, _pow2(triton.cdiv(batch * n, 2 * target.sm_count(device)))))
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, row0: int, rows: int) -> torch.Tensor:

@@ -33,6 +33,15 @@ SCHEMAS = {
         'prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy="rank", '
         'int[]? grids=None) -> (Tensor, Tensor, Tensor)'
     ),
+    "significance_qk_varlen": (
+        'significance_qk_varlen(Tensor q, Tensor k, Tensor cu_seqlens, str score="focal", float? scale=None, '
+        'Tensor? lse=None, str kind="prob", int group=1) -> Tensor'
+    ),
+    "prune_tokens_qk_varlen": (
+        'prune_tokens_qk_varlen(Tensor tokens, Tensor q, Tensor k, Tensor cu_seqlens, int[] keep, '
+        'str strategy="rank", str score="focal", float? scale=None, Tensor? lse=None, str kind="prob", '
+        'int group=1, Tensor? cu_seqlens_select=None, int[]? grids=None) -> (Tensor, Tensor, Tensor)'
+    ),
 }
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
@@ -158,6 +167,20 @@ if _has_triton():
         if not _has_cuda_kernel(_name):
             _cuda.impl(_name, _impl, "CUDA")
 
+# INTERIM (issue 11): the packed q/k ops have no optimised kernel yet. On CPU and CUDA tensors they run
+# their float64 reference (reference_qk.py), which reads cu_seqlens on the host (a sync on a GPU) and
+# is far slower than a kernel; a kernel that registers itself for a key takes that key over.
+_INTERIM_REFERENCE = {
+    "significance_qk_varlen": reference_qk.significance_qk_varlen,
+    "prune_tokens_qk_varlen": reference_qk.prune_tokens_qk_varlen,
+}
+_interim = torch.library.Library("fopru", "IMPL")
+_libs.append(_interim)
+for _name, _impl in _INTERIM_REFERENCE.items():
+    for _key in ("CPU", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fopru::{_name}", _key):
+            _interim.impl(_name, _impl, _key)
+
 
 # Fake kernels: output sizes depend only on shapes and keep, so torch.compile(fullgraph=True)
 # traces through the ops. They run the same checks, so bad input fails at trace time too.
@@ -202,6 +225,23 @@ def _prune_tokens_varlen_fake(tokens, sig, cu_seqlens, keep, strategy="rank", gr
     total = sum(keep)
     return (tokens.new_empty((total, tokens.shape[1])), tokens.new_empty((total,), dtype=torch.int64),
             cu_seqlens.new_empty(cu_seqlens.shape))
+
+
+@torch.library.register_fake("fopru::significance_qk_varlen")
+def _significance_qk_varlen_fake(q, k, cu_seqlens, score="focal", scale=None, lse=None, kind="prob", group=1):
+    _checks.check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group, values=False)
+    return q.new_empty((q.shape[0] // group,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fopru::prune_tokens_qk_varlen")
+def _prune_tokens_qk_varlen_fake(tokens, q, k, cu_seqlens, keep, strategy="rank", score="focal", scale=None, lse=None,
+                                 kind="prob", group=1, cu_seqlens_select=None, grids=None):
+    _checks.check_prune_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind, group,
+                                  cu_seqlens_select, grids, values=False)
+    total = sum(keep)
+    select = cu_seqlens if cu_seqlens_select is None else cu_seqlens_select
+    return (tokens.new_empty((total, tokens.shape[1])), tokens.new_empty((total,), dtype=torch.int64),
+            select.new_empty(select.shape))
 
 
 _OP_SIG = torch.ops.fopru.significance.default
@@ -390,3 +430,71 @@ def prune_tokens_varlen(
     if backend == "triton":
         return _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy, grids)
     return _OP_VARLEN(tokens, sig, cu_seqlens, keep, strategy, grids)
+
+
+def _interim_backend(name: str, backend: str, tensor: torch.Tensor) -> None:
+    """Packed q/k ops: only 'auto' and 'reference' run until their kernels land (see _INTERIM_REFERENCE)."""
+    _require(backend, tensor)
+    if backend not in ("auto", "reference"):
+        raise ValueError(
+            f"backend={backend!r} has no {name} kernel yet: the packed q/k ops run their float64 reference for "
+            "now (backend='auto' or 'reference')"
+        )
+
+
+def significance_qk_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    score: str = "focal",
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    group: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Significance of a packed batch from q and k (SPEC.md "Packed batches from q and k"): q, k (T, H, d)
+    (FlashAttention varlen layout), cu_seqlens (S + 1,) attention segments -> (T / group,) int64.
+
+    Each segment is scored like significance_qk with no prefix token; score 'focal' | 'received';
+    kind 'prob' (lse (H, T) float32 as FlashAttention varlen returns it, or None) | 'logit'; group sums
+    that many consecutive tokens into one merged token (Qwen-VL: 4). Interim: runs the float64 reference.
+    """
+    if backend != "auto":
+        _interim_backend("significance_qk_varlen", backend, q)
+    if backend == "reference":
+        return reference_qk.significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
+    return torch.ops.fopru.significance_qk_varlen.default(q, k, cu_seqlens, score, scale, lse, kind, group)
+
+
+def prune_tokens_qk_varlen(
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    keep: list[int],
+    strategy: str = "rank",
+    score: str = "focal",
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    group: int = 1,
+    cu_seqlens_select: torch.Tensor | None = None,
+    grids: list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prune_tokens_varlen on significance_qk_varlen, one op (SPEC.md "Packed batches from q and k"):
+    tokens (T / group, D) merged tokens, q, k (T, H, d), cu_seqlens (S + 1,) attention segments, keep one
+    host int per selection segment: cu_seqlens_select (M + 1,) in merged tokens (e.g. per video while
+    cu_seqlens is per frame), None meaning cu_seqlens / group; grids [rows_0, cols_0, ...] in merged
+    tokens (for 'row') -> pruned (sum(keep), D), idx (sum(keep),) global int64, cu_seqlens_out (M + 1,).
+    Interim: runs the float64 reference.
+    """
+    keep = [int(v) for v in keep]
+    grids = None if grids is None else [int(v) for v in grids]
+    args = (tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind, group, cu_seqlens_select, grids)
+    if backend != "auto":
+        _interim_backend("prune_tokens_qk_varlen", backend, tokens)
+    if backend == "reference":
+        return reference_qk.prune_tokens_qk_varlen(*args)
+    return torch.ops.fopru.prune_tokens_qk_varlen.default(*args)

@@ -113,6 +113,13 @@ def prune_tokens_qk(
 _BLOCK = 1 << 22  # float64 probabilities held at once by the prob path (32 MiB)
 
 
+def _check_segments_anywhere(q: torch.Tensor, cu_seqlens: torch.Tensor, group: int) -> None:
+    """The checks read cu_seqlens' values for CPU tensors only (a kernel checks them on the device);
+    this oracle reads them anyway, so it checks them on every device."""
+    if q.device.type != "cpu":
+        check_attention_segments(cu_seqlens.tolist(), q.shape[0], group)
+
+
 def _segment_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     cu = cu_seqlens.tolist()  # the oracle may sync; the kernels do not
     return [(cu[s], cu[s + 1]) for s in range(len(cu) - 1)]
@@ -169,6 +176,7 @@ def significance_qk_varlen_parts(
     parts of disjoint head subsets (tensor-parallel ranks) add up exactly to the parts of all heads.
     """
     scale = check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, 1)
+    _check_segments_anywhere(q, cu_seqlens, 1)
     with torch.no_grad():
         if kind == "logit":
             col, row = _logit_means(q, k, cu_seqlens, scale)
@@ -206,8 +214,7 @@ def significance_qk_varlen(
     q, k (T, H, d), cu_seqlens (S + 1,) -> (T / group,) int64, each segment scored like
     significance_qk with no prefix token, `group` consecutive tokens summed per merged token."""
     check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
-    if q.device.type != "cpu":  # the checks read cu_seqlens on CPU only; this oracle reads it anyway
-        check_attention_segments(cu_seqlens.tolist(), q.shape[0], group)
+    _check_segments_anywhere(q, cu_seqlens, group)
     parts = significance_qk_varlen_parts(q, k, cu_seqlens, score, scale, lse, kind)
     return significance_varlen_from_parts(parts, cu_seqlens, group)
 

@@ -19,6 +19,7 @@ import torch
 
 import fopru_kernels as F
 from fopru_kernels import reference_qk
+from fopru_kernels.integrations.qwen_vl import selection_runs
 from fopru_kernels.integrations.transformers import apply_fopru, remove_fopru
 
 transformers = pytest.importorskip("transformers")
@@ -291,10 +292,14 @@ def test_budget_counts_per_run():
     handle = apply_fopru(tiny("qwen2_5"), keep=3)
     counts = handle.image_token_counts(IMAGES, VIDEOS)
     assert counts == {"image": [(6, 3), (8, 3), (4, 3)], "video": [(8, 6)]}  # a video keeps keep per frame
-    handle.keep, handle.ratio = None, 0.3
-    assert handle.image_token_counts(IMAGES, VIDEOS)["image"] == [(6, 1), (8, 2), (4, 1)]
+    ratio = selection_runs(IMAGES, "image", ratio=0.3)  # floor(n * 0.3) of 6, 8, 4 merged tokens
+    assert [(r.n, r.keep, r.rows, r.cols) for r in ratio] == [(6, 1, 2, 3), (8, 2, 4, 2), (4, 1, 2, 2)]
+    clip = selection_runs(VIDEOS, "video", ratio=0.5, strategy="row")  # 4 stacked rows of 2: 2 rows kept
+    assert [(r.n, r.keep, r.rows, r.cols) for r in clip] == [(8, 4, 4, 2)]
     qwen3 = apply_fopru(tiny("qwen3"), keep=3, strategy="row")  # whole rows; Qwen3-VL videos per frame
     assert qwen3.image_token_counts(IMAGES, VIDEOS) == {"image": [(6, 3), (8, 2), (4, 2)], "video": [(4, 2), (4, 2)]}
+    with pytest.raises(ValueError, match="modality must be 'image' or 'video'"):
+        selection_runs(IMAGES, "audio", keep=1)
 
 
 def test_settings_are_checked():

@@ -31,7 +31,6 @@ attention_mask=...)`; the language model called with a keyword `position_ids` of
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -113,6 +112,42 @@ class Run:
     cols: int
 
 
+def selection_runs(grid_thw, modality: str, *, keep: int | None = None, ratio: float | None = None,
+                   strategy: str = "rank", merge_size: int = 2, per_frame: bool = False) -> list[Run]:
+    """The selection segments (= placeholder runs of the prompt) of the media of `grid_thw` ((M, 3) host
+    ints or tensor: temporal patches, patch rows, patch cols, as image_grid_thw / video_grid_thw), in
+    prompt order, with their kept counts. Pure: an engine sizes its placeholders with it before encoding.
+
+    An image is one run. A video is one run over its whole clip (grid (t * rows, cols) of merged tokens),
+    or, with per_frame (Qwen3-VL, whose prompts separate a video's frames by timestamps, so the prompt
+    fixes each frame's count before the encoder has scored anything), one run per frame.
+    Kept: keep -> min(keep * frames, n) ('row': whole rows of that); ratio -> retained_count(n, ratio) over
+    the run ('row': floor(rows * ratio) rows). Raises ValueError when a run would keep nothing.
+    """
+    if modality not in ("image", "video"):
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+    runs = []
+    for t, h, w in torch.as_tensor(grid_thw).reshape(-1, 3).tolist():
+        rows, cols = h // merge_size, w // merge_size
+        split = modality == "video" and per_frame
+        frames = 1 if split or modality == "image" else t
+        for _ in range(t if split else 1):
+            n = frames * rows * cols
+            if ratio is not None:
+                k = retained_count(n, ratio, strategy, (frames * rows, cols))
+            else:
+                k = min(keep * frames, n)
+                k = k // cols * cols if strategy == "row" else k
+            if k < 1:
+                raise ValueError(
+                    f"the budget keeps no token of a {frames * rows} x {cols} {modality} run (merged tokens; "
+                    f"keep={keep}, ratio={ratio}, strategy={strategy!r}): every image and video must keep at "
+                    "least one token (one row for 'row')"
+                )
+            runs.append(Run(n, k, frames * rows, cols))
+    return runs
+
+
 class FoPruQwenVL:
     """FoPru hooks on a Qwen-VL model; made by `apply_fopru`, undone by `remove_fopru` (or `.remove()`).
 
@@ -164,31 +199,9 @@ class FoPruQwenVL:
     # Budget ----------------------------------------------------------------------------------------
 
     def selection_runs(self, grid_thw, modality: str) -> list[Run]:
-        """The selection segments of the media of `grid_thw` ((M, 3) patches: t, h, w), in prompt order.
-        An image is one run; a video is one run over its whole clip (a (t * h, w) grid of merged tokens),
-        except in Qwen3-VL, whose prompts separate a video's frames by timestamps: there every frame is a
-        run, since the prompt fixes each frame's token count before the encoder has scored anything.
-        keep: min(keep * frames, n) (row: whole rows of that), or retained_count(n, ratio) over the run."""
-        runs = []
-        for t, h, w in torch.as_tensor(grid_thw).reshape(-1, 3).tolist():
-            rows, cols = h // self.merge, w // self.merge
-            split = modality == "video" and self.frames_apart
-            for _ in range(t if split else 1):
-                frames = 1 if split or modality == "image" else t
-                n = frames * rows * cols
-                if self.ratio is not None:
-                    k = retained_count(n, self.ratio, self.strategy, (frames * rows, cols))
-                else:
-                    k = min(self.keep * frames, n)
-                    k = k // cols * cols if self.strategy == "row" else k
-                if k < 1:
-                    raise ValueError(
-                        f"the budget keeps no token of a {frames * rows} x {cols} {modality} run (merged tokens; "
-                        f"keep={self.keep}, ratio={self.ratio}, strategy={self.strategy!r}): every image and video "
-                        "must keep at least one token (one row for 'row')"
-                    )
-                runs.append(Run(n, k, frames * rows, cols))
-        return runs
+        """The runs of the media of `grid_thw` under this handle's budget (see module-level selection_runs)."""
+        return selection_runs(grid_thw, modality, keep=self.keep, ratio=self.ratio, strategy=self.strategy,
+                              merge_size=self.merge, per_frame=self.frames_apart)
 
     # Encoding --------------------------------------------------------------------------------------
 

@@ -238,3 +238,33 @@ def positions_varlen(
     cols = torch.tensor(grids[1::2], dtype=torch.int64).to(idx.device)[image]
     local = idx - cu_seqlens.to(torch.int64)[image]
     return torch.stack((local // cols, local % cols), dim=-1)
+
+
+def mrope_positions(idx: torch.Tensor, grid_thw, merge_size: int = 2) -> torch.Tensor:
+    """(t, h, w) of each kept merged token of Qwen-VL images and videos, for M-RoPE position ids.
+
+    idx: (T',) int64 global indices into the media's merged tokens packed in the model's order (media
+    after media; within one, frame-major then row-major), as prune_tokens_varlen and
+    prune_tokens_qk_varlen return them. grid_thw: (M, 3) host ints or tensor, (temporal patches, patch
+    rows, patch cols) per image or video, as the processor's image_grid_thw / video_grid_thw. merge_size:
+    patches merged per side into one language-model token (Qwen-VL: 2).
+    Returns (3, T') int64, rows t, h, w: each token's coordinates in its media's merged grid (t = 0 for
+    images), the layout of the models' (3, L) position ids before a media's start offset (and, for
+    Qwen2.5-VL videos, its time interval on row t) is applied. No sync: only idx is read on its device.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError("idx must be a (T',) int64 tensor")
+    grids = torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
+    if any(t < 1 or h < 1 or w < 1 or h % merge_size or w % merge_size for t, h, w in grids):
+        raise ValueError(f"grid_thw must hold positive (t, h, w) with h and w multiples of merge_size = {merge_size}, "
+                         f"got {grids}")
+    rows = [h // merge_size for _, h, _ in grids]
+    cols = [w // merge_size for _, _, w in grids]
+    sizes = [t * r * c for (t, _, _), r, c in zip(grids, rows, cols)]
+    ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64).to(idx.device)
+    media = torch.searchsorted(ends, idx, right=True).clamp(max=max(len(grids) - 1, 0))
+    start = (ends - torch.tensor(sizes, dtype=torch.int64).to(idx.device))[media]
+    r = torch.tensor(rows, dtype=torch.int64).to(idx.device)[media]
+    c = torch.tensor(cols, dtype=torch.int64).to(idx.device)[media]
+    local = idx - start
+    return torch.stack((local // (r * c), local // c % r, local % c))

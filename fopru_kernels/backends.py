@@ -6,7 +6,8 @@ This module only decides; `ops.py` registers what it decides with the dispatcher
 `ops.default_backend(device, op)` reports it. README "Backends" has the table and the evidence.
 
 FOPRU_BACKEND (read once, when fopru_kernels is imported; unset or empty means "auto"):
-- "auto": CPU tensors -> the C++ CPU kernel (the reference without the compiled library);
+- "auto": CPU tensors -> the C++ CPU kernel (the reference without the compiled library, or for an op
+  that has no C++ kernel yet);
   CUDA tensors -> Triton (the CUDA C++ kernel where triton is missing, or for the ops in
   CUDA_CXX_BY_DEFAULT; the reference where neither is there).
 - "cpu": CPU tensors -> the C++ CPU kernel, required; CUDA tensors as "auto".
@@ -36,12 +37,16 @@ CUDA_CXX_BY_DEFAULT: frozenset[str] = frozenset()
 
 @dataclass(frozen=True)
 class Install:
-    """What this process can run: the compiled library, the ops with a C++ CUDA kernel, the ops
-    with a Triton kernel (empty when triton is not importable)."""
+    """What this process can run: the ops with a C++ CPU kernel (empty without the compiled library),
+    the ops with a C++ CUDA kernel, the ops with a Triton kernel (empty when triton is not importable)."""
 
-    library: bool
+    cpu_ops: frozenset[str]
     cuda_ops: frozenset[str]
     triton_ops: frozenset[str]
+
+    @property
+    def library(self) -> bool:
+        return bool(self.cpu_ops)
 
 
 def check_backend(value, key: str = "backend") -> str:
@@ -75,7 +80,7 @@ def resolve(setting: str, op: str, device_type: str, have: Install) -> str:
     if setting == "reference":
         return "reference"
     if device_type == "cpu":
-        return "cpu" if have.library else "reference"
+        return "cpu" if op in have.cpu_ops else "reference"
     cuda, triton = op in have.cuda_ops, op in have.triton_ops
     if setting == "cuda" and cuda or setting == "triton" and triton:
         return setting

@@ -37,6 +37,20 @@ SCHEMAS = {
         'prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy="rank", '
         'int[]? grids=None) -> (Tensor, Tensor, Tensor)'
     ),
+    "significance_qk_parts": (
+        'significance_qk_parts(Tensor q, Tensor k, str score="focal", int num_prefix=1, float? scale=None, '
+        'Tensor? lse=None, str kind="prob", str layout="bhsd") -> Tensor'
+    ),
+    "significance_from_parts": "significance_from_parts(Tensor parts) -> Tensor",
+    "significance_qk_varlen": (
+        'significance_qk_varlen(Tensor q, Tensor k, Tensor cu_seqlens, str score="focal", float? scale=None, '
+        'Tensor? lse=None, str kind="prob", int group=1) -> Tensor'
+    ),
+    "prune_tokens_qk_varlen": (
+        'prune_tokens_qk_varlen(Tensor tokens, Tensor q, Tensor k, Tensor cu_seqlens, int[] keep, '
+        'str strategy="rank", str score="focal", float? scale=None, Tensor? lse=None, str kind="prob", '
+        'int group=1, Tensor? cu_seqlens_select=None, int[]? grids=None) -> (Tensor, Tensor, Tensor)'
+    ),
 }
 
 BACKENDS = backends.BACKENDS
@@ -80,9 +94,12 @@ def _has_kernel(name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fopru::{name}", key)
 
 
-# Read before any Python registration below can fill a CUDA slot: these are the C++ kernels.
+# Read before any Python registration below can fill a slot: these are the C++ kernels.
+CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-HAS_CUDA_KERNELS = CUDA_KERNEL_OPS == frozenset(SCHEMAS)  # every op has its CUDA C++ kernel
+# Every op the library implements in C++ has its CUDA C++ kernel too (ops still served by the
+# reference alone, like the packed q/k ops today, have neither).
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS
 
 
 def _grid(grid):
@@ -99,6 +116,12 @@ _REFERENCE_IMPLS = {
     "significance_qk": lambda *args: reference_qk.significance_qk(*args),
     "prune_tokens_qk": lambda *args: reference_qk.prune_tokens_qk(*args),
     "prune_tokens_varlen": lambda *args: reference.prune_tokens_varlen(*args),
+    "significance_qk_parts": lambda *args: reference_qk.significance_qk_parts(*args),
+    "significance_from_parts": lambda parts: reference.significance_from_parts(parts),
+    # The packed q/k ops have no C++ or Triton kernel yet: the float64 oracle serves them,
+    # reading cu_seqlens on the host (a sync on a GPU).
+    "significance_qk_varlen": lambda *args: reference_qk.significance_qk_varlen(*args),
+    "prune_tokens_qk_varlen": lambda *args: reference_qk.prune_tokens_qk_varlen(*args),
 }
 
 
@@ -155,6 +178,21 @@ def _triton_prune_tokens_varlen(tokens, sig, cu_seqlens, keep, strategy="rank", 
                                   None if grids is None else list(grids))
 
 
+def _triton_significance_qk_parts(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                  layout="bhsd"):
+    scale = _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    from .triton import significance_qk as tq
+
+    return tq.significance_qk_parts(q, k, score, num_prefix, scale, lse, kind, layout)
+
+
+def _triton_significance_from_parts(parts):
+    _checks.check_parts(parts)
+    from .triton import significance_qk as tq
+
+    return tq.significance_from_parts(parts)
+
+
 _TRITON_IMPLS = {
     "significance": _triton_significance,
     "select": _triton_select,
@@ -162,9 +200,11 @@ _TRITON_IMPLS = {
     "significance_qk": _triton_significance_qk,
     "prune_tokens_qk": _triton_prune_tokens_qk,
     "prune_tokens_varlen": _triton_prune_tokens_varlen,
+    "significance_qk_parts": _triton_significance_qk_parts,
+    "significance_from_parts": _triton_significance_from_parts,
 }
 
-INSTALL = backends.Install(HAS_LIBRARY, CUDA_KERNEL_OPS, frozenset(_TRITON_IMPLS) if _has_triton() else frozenset())
+INSTALL = backends.Install(CPU_KERNEL_OPS, CUDA_KERNEL_OPS, frozenset(_TRITON_IMPLS) if _has_triton() else frozenset())
 backends.check_install(SETTING, INSTALL, LIBRARY_ERROR)
 
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -194,7 +234,6 @@ def _serve(name: str, device_type: str) -> None:
 for _name in SCHEMAS:
     for _device_type in _KEYS:
         _serve(_name, _device_type)
-
 
 # Fake kernels: output sizes depend only on shapes and keep, so torch.compile(fullgraph=True)
 # traces through the ops. They run the same checks, so bad input fails at trace time too.
@@ -235,6 +274,33 @@ def _prune_tokens_varlen_fake(tokens, sig, cu_seqlens, keep, strategy="rank", gr
             cu_seqlens.new_empty(cu_seqlens.shape))
 
 
+def _significance_qk_parts_fake(q, k, score="focal", num_prefix=1, scale=None, lse=None, kind="prob",
+                                layout="bhsd"):
+    _checks.check_significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
+    b, _, s, _ = _checks.qk_dims(q, layout)
+    return q.new_empty((b, 2 if score == "focal" else 1, s - num_prefix), dtype=torch.int64)
+
+
+def _significance_from_parts_fake(parts):
+    _checks.check_parts(parts)
+    return parts.new_empty((parts.shape[0], parts.shape[2]))
+
+
+def _significance_qk_varlen_fake(q, k, cu_seqlens, score="focal", scale=None, lse=None, kind="prob", group=1):
+    _checks.check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group, values=False)
+    return q.new_empty((q.shape[0] // group,), dtype=torch.int64)
+
+
+def _prune_tokens_qk_varlen_fake(tokens, q, k, cu_seqlens, keep, strategy="rank", score="focal", scale=None, lse=None,
+                                 kind="prob", group=1, cu_seqlens_select=None, grids=None):
+    _checks.check_prune_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind, group,
+                                  cu_seqlens_select, grids, values=False)
+    total = sum(keep)
+    select = cu_seqlens if cu_seqlens_select is None else cu_seqlens_select
+    return (tokens.new_empty((total, tokens.shape[1])), tokens.new_empty((total,), dtype=torch.int64),
+            select.new_empty(select.shape))
+
+
 _FAKES = {
     "significance": _significance_fake,
     "select": _select_fake,
@@ -242,6 +308,10 @@ _FAKES = {
     "significance_qk": _significance_qk_fake,
     "prune_tokens_qk": _prune_tokens_qk_fake,
     "prune_tokens_varlen": _prune_tokens_varlen_fake,
+    "significance_qk_parts": _significance_qk_parts_fake,
+    "significance_from_parts": _significance_from_parts_fake,
+    "significance_qk_varlen": _significance_qk_varlen_fake,
+    "prune_tokens_qk_varlen": _prune_tokens_qk_varlen_fake,
 }
 for _name, _fake in _FAKES.items():
     torch.library.register_fake(f"fopru::{_name}")(_fake)
@@ -294,6 +364,8 @@ def _require(name: str, backend: str, tensor) -> None:
     if backend == "cpu":
         if not HAS_LIBRARY:
             raise ValueError(f"backend='cpu' needs the compiled library: {LIBRARY_ERROR}")
+        if name not in CPU_KERNEL_OPS:
+            raise ValueError(f"backend='cpu' has no C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
@@ -301,8 +373,11 @@ def _require(name: str, backend: str, tensor) -> None:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")
         if dev is not None and dev.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {dev}")
-    elif backend == "triton" and not _has_triton():
-        raise ValueError("backend='triton' needs the triton package")
+    elif backend == "triton":
+        if not _has_triton():
+            raise ValueError("backend='triton' needs the triton package")
+        if name not in _TRITON_IMPLS:
+            raise ValueError(f"backend='triton' has no Triton kernel for {name} yet: use backend='auto' or 'reference'")
     key = _KEYS.get(backend)
     if (name, key) in _REPLACED and (name, key) not in _CXX_KERNELS:
         raise ValueError(
@@ -435,3 +510,86 @@ def prune_tokens_varlen(
     """
     keep = [int(v) for v in keep]
     return _call("prune_tokens_varlen", backend, (tokens, sig, cu_seqlens, keep, strategy, _checks.flat_grids(grids)))
+
+
+def significance_qk_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    score: str = "focal",
+    num_prefix: int = 1,
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    layout: str = "bhsd",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The sums significance_qk chooses from (SPEC.md "Significance from q and k"): q, k as in
+    significance_qk -> (B, C, N) int64, C = 2 for 'focal' ([:, 0] column sums, [:, 1] row sums)
+    and 1 for 'cls' / 'received', each a sum over heads of fx values.
+
+    Parts of disjoint head subsets add up exactly (int64), so under tensor parallelism each rank
+    computes its heads' parts, the ranks sum them, and significance_from_parts makes the choice.
+    """
+    return _call("significance_qk_parts", backend, (q, k, score, num_prefix, scale, lse, kind, layout))
+
+
+def significance_from_parts(parts: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Significance from (summed) parts: (B, C, N) int64 -> (B, N) int64, the exact focal choice
+    between parts[:, 0] (column sums) and parts[:, 1] (row sums) for C = 2, parts[:, 0] for C = 1.
+
+    significance_from_parts(significance_qk_parts(...)) equals significance_qk(...) bit for bit.
+    """
+    return _call("significance_from_parts", backend, (parts,))
+
+
+def significance_qk_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    score: str = "focal",
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    group: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Significance of a packed batch from q and k (SPEC.md "Packed batches from q and k"): q, k (T, H, d)
+    (FlashAttention varlen layout), cu_seqlens (S + 1,) attention segments -> (T / group,) int64.
+
+    Each segment is scored like significance_qk with no prefix token; score 'focal' | 'received';
+    kind 'prob' (lse (H, T) float32 as FlashAttention varlen returns it, or None) | 'logit'; group sums
+    that many consecutive tokens into one merged token (Qwen-VL: 4).
+    """
+    return _call("significance_qk_varlen", backend, (q, k, cu_seqlens, score, scale, lse, kind, group))
+
+
+def prune_tokens_qk_varlen(
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    keep: list[int],
+    *,
+    strategy: str = "rank",
+    score: str = "focal",
+    scale: float | None = None,
+    lse: torch.Tensor | None = None,
+    kind: str = "prob",
+    group: int = 1,
+    cu_seqlens_select: torch.Tensor | None = None,
+    grids: list[tuple[int, int]] | list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prune_tokens_varlen on significance_qk_varlen, one op (SPEC.md "Packed batches from q and k"):
+    tokens (T / group, D) merged tokens, q, k (T, H, d), cu_seqlens (S + 1,) attention segments, keep one
+    host int per selection segment: cu_seqlens_select (M + 1,) in merged tokens (e.g. per video while
+    cu_seqlens is per frame), None meaning cu_seqlens / group; grids M (rows, cols) pairs or the flat
+    [rows_0, cols_0, ...] in merged tokens (for 'row') -> pruned (sum(keep), D), idx (sum(keep),) global
+    int64, cu_seqlens_out (M + 1,).
+    """
+    keep = [int(v) for v in keep]
+    args = (tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind, group, cu_seqlens_select,
+            _checks.flat_grids(grids))
+    return _call("prune_tokens_qk_varlen", backend, args)

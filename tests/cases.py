@@ -26,7 +26,7 @@ class Case:
     attn_dtype: torch.dtype = torch.float32
     tok_dtype: torch.dtype = torch.float16
     layout: str = "contiguous"  # contiguous | strided | expanded | padded
-    values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge)
+    values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge) | saturated | symmetric
     seed: int = 0
 
     @property
@@ -65,6 +65,14 @@ def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
         specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 300.0], dtype=torch.float64)
         flat[pick] = specials[torch.randint(0, len(specials), pick.shape, generator=gen)]
         return flat.reshape(shape)
+    if c.values == "saturated":  # nearly every value clamps to 256: column and row sums all but tie
+        return x.abs() * 1e6
+    if c.values == "symmetric":  # focal near-tie: patch column sums a permutation of the row sums
+        if q != s:
+            return x
+        x = x + x.transpose(-1, -2)  # patch block symmetric: column sums = row sums
+        keys = c.P + torch.randperm(c.N, generator=gen)
+        return torch.cat([x[..., :c.P], x[..., keys]], dim=-1)  # the same shuffle of every head's keys
     raise ValueError(c.values)
 
 
@@ -153,4 +161,6 @@ def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:
         "significance_qk": (q, k, "focal", 1, None, None, "logit", "bhsd"),
         "prune_tokens_qk": (tokens, q, k, 8, "row", "received", 1, [4, 4], None, None, "prob", "bhsd"),
         "prune_tokens_varlen": (tokens[0], sig[0], cu, [3, 4], "rank", None),
+        "significance_qk_parts": (q, k, "focal", 1, None, None, "logit", "bhsd"),
+        "significance_from_parts": (torch.stack((sig, sig.flip(1)), dim=1),),
     }

@@ -67,7 +67,7 @@ def test_heavy_ties_all_equal():
     attn_dtype=st.sampled_from(ATTN_DTYPES),
     tok_dtype=st.sampled_from(TOKEN_DTYPES),
     layout=st.sampled_from(["contiguous", "strided", "expanded"]),
-    values=st.sampled_from(["softmax", "logits", "quantised", "special"]),
+    values=st.sampled_from(["softmax", "logits", "quantised", "special", "saturated", "symmetric"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fuzz_against_reference(n_rows, n_cols, b, h, p, score, strategy, keep_frac, attn_dtype, tok_dtype, layout, values, seed):

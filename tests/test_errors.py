@@ -162,6 +162,32 @@ def test_prune_tokens_qk_errors(name, backend):
         F.prune_tokens_qk(**_qk_args(**over), backend=backend)
 
 
+PARTS_ERRORS = {
+    "parts-2d": (torch.zeros(2, 4, dtype=torch.int64), r"got int64 \(2, 4\)"),
+    "parts-dtype": (torch.zeros(2, 2, 4), r"got float32 \(2, 2, 4\)"),
+    "parts-c": (torch.zeros(2, 3, 4, dtype=torch.int64), r"got int64 \(2, 3, 4\)"),
+    "parts-1d": (torch.zeros(5, dtype=torch.int64), r"got int64 \(5,\)"),
+}
+PARTS_TEXT = r"parts must be a 3-D \(B, C, N\) int64 tensor with C = 2 \(focal: column and row sums\) or 1, "
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", PARTS_ERRORS)
+def test_significance_from_parts_errors(name, backend):
+    parts, pattern = PARTS_ERRORS[name]
+    with pytest.raises(ValueError, match=PARTS_TEXT + pattern):
+        F.significance_from_parts(parts, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", ["kind", "lse-shape", "scale", "prefix"])
+def test_significance_qk_parts_errors(name, backend):
+    over, pattern = QK_ERRORS[name]
+    args = {key: value for key, value in _qk_args(**over).items() if key not in ("tokens", "keep", "strategy", "grid")}
+    with pytest.raises(ValueError, match=pattern):
+        F.significance_qk_parts(**args, backend=backend)
+
+
 def _varlen_args(**over):
     args = dict(tokens=torch.randn(7, 3), sig=torch.arange(7), cu_seqlens=torch.tensor([0, 3, 7]), keep=[1, 2],
                 strategy="rank", grids=None)
@@ -226,3 +252,12 @@ def test_prune_tokens_varlen_errors_cuda(name, cuda_device, backend):
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _varlen_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
         F.prune_tokens_varlen(**args, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", PARTS_ERRORS)
+def test_significance_from_parts_errors_cuda(name, cuda_device, backend):
+    parts, pattern = PARTS_ERRORS[name]
+    with pytest.raises(ValueError, match=PARTS_TEXT + pattern):
+        F.significance_from_parts(parts.to(cuda_device), backend=backend)

@@ -1,5 +1,6 @@
-"""The golden cases of tests/data/golden_cases.json, computed by an independent implementation of
-SPEC.md (tests/data/README.md), on the reference and every CPU backend."""
+"""The golden cases of tests/data/golden_cases.json, on every CPU backend: expected outputs from
+independent implementations of SPEC.md (tests/data/README.md says which; the focal near-ties come from
+tests/data/make_focal_golden.py, in Python integers and fractions)."""
 import json
 from pathlib import Path
 

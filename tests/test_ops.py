@@ -31,6 +31,8 @@ def _opcheck_args():
     q, k = torch.randn(2, 2, 17, 8), torch.randn(2, 2, 17, 8)
     lse = torch.logsumexp(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
     cu = torch.tensor([0, 6, 16])
+    packed_q, packed_k = q[0].transpose(0, 1), k[0].transpose(0, 1)[:, :, :8]  # (16 + 1 = 17, 2, 8): strided
+    packed_cu = torch.tensor([0, 4, 4, 16])
     return [
         (torch.ops.fopru.prune_tokens.default, (tokens, attn, 5, "rank", "focal", 1, None)),
         (torch.ops.fopru.prune_tokens.default, (tokens, attn, 8, "row", "received", 1, [4, 4])),
@@ -44,6 +46,20 @@ def _opcheck_args():
         (torch.ops.fopru.prune_tokens_qk.default, (tokens, q, k, 8, "row", "received", 1, [4, 4], None, lse, "prob", "bhsd")),
         (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu, [3, 4], "rank", None)),
         (torch.ops.fopru.prune_tokens_varlen.default, (tokens[0], sig[0], cu.int(), [3, 5], "row", [2, 3, 2, 5])),
+        (torch.ops.fopru.significance_qk_parts.default, (q, k, "focal", 1, None, lse, "prob", "bhsd")),
+        (torch.ops.fopru.significance_qk_parts.default, (q.transpose(1, 2), k.transpose(1, 2), "cls", 1, 0.5, None,
+                                                         "logit", "bshd")),
+        (torch.ops.fopru.significance_from_parts.default, (torch.stack([sig, sig.flip(1)], dim=1),)),
+        (torch.ops.fopru.significance_from_parts.default, (sig[:, None],)),
+        (torch.ops.fopru.significance_qk_varlen.default, (packed_q[:16], packed_k[:16], packed_cu, "focal", None, None,
+                                                          "prob", 4)),
+        (torch.ops.fopru.significance_qk_varlen.default, (packed_q[:16], packed_k[:16], packed_cu.int(), "received",
+                                                          0.5, None, "logit", 1)),
+        (torch.ops.fopru.prune_tokens_qk_varlen.default, (tokens[0, :4], packed_q[:16], packed_k[:16], packed_cu, [1, 0, 2],
+                                                          "rank", "focal", None, None, "logit", 4, None, None)),
+        (torch.ops.fopru.prune_tokens_qk_varlen.default, (tokens[0, :4], packed_q[:16], packed_k[:16], packed_cu, [2],
+                                                          "row", "focal", None, None, "prob", 4,
+                                                          torch.tensor([0, 4], dtype=torch.int32), [2, 2])),
     ]
 
 

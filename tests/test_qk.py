@@ -19,8 +19,9 @@ logit l_ij = scale * q_i . k_j) and C = 32,
 - a mean of such values is off by the mean of their errors plus C u times the mean of |v|
   (its sum), and fx adds at most 1 (truncation of a value that moved across a step).
 Summed over heads this is `bound`, and |sig - sig_ref| <= bound is asserted elementwise (for
-focal, where the oracle's variance choice is not decisive, i.e. |vc - vr| is within what the bound
-lets it move, sig may lie that close to either vector). Then idx must equal the oracle's when the
+focal, where the oracle's variance choice is not decisive, i.e. the gap between the two vectors'
+variances about their own means is within what the bound lets it move, sig may lie that close to
+either vector). Then idx must equal the oracle's when the
 margin at its selection boundary (K-th vs (K+1)-th key for rank, row score for row) exceeds twice
 the largest bound (summed over a row for row) and any focal choice is decisive. Every case
 must have at least one image so checked, so no case passes vacuously. The kernel's own idx must
@@ -166,11 +167,13 @@ def oracle(c: QKCase, q, k, lse):
     if rows is None:
         return sig_ref, bc, torch.ones(c.B, dtype=torch.bool), sig_ref, bc
     col, row = fx_heads(first).double(), fx_heads(rows).double()
-    m = col.mean(dim=1, keepdim=True)
-    ec, er = bc + bc.mean(dim=1, keepdim=True), br + bc.mean(dim=1, keepdim=True)
-    # How far the rounding can move vc - vr: each squared deviation by 2 |dev| e + e^2.
-    slack = (2 * (col - m).abs() * ec + ec**2).sum(dim=1) + (2 * (row - m).abs() * er + er**2).sum(dim=1)
-    vc, vr = ((col - m) ** 2).sum(dim=1), ((row - m) ** 2).sum(dim=1)
+    mc, mr = col.mean(dim=1, keepdim=True), row.mean(dim=1, keepdim=True)
+    # SPEC.md's rule compares N^2 var: N vc vs N vr with each vector's deviations from its own
+    # mean. Rounding moves an entry by e and its mean by mean(e), a deviation by at most
+    # e + mean(e), a squared deviation by 2 |dev| e' + e'^2.
+    ec, er = bc + bc.mean(dim=1, keepdim=True), br + br.mean(dim=1, keepdim=True)
+    slack = (2 * (col - mc).abs() * ec + ec**2).sum(dim=1) + (2 * (row - mr).abs() * er + er**2).sum(dim=1)
+    vc, vr = ((col - mc) ** 2).sum(dim=1), ((row - mr) ** 2).sum(dim=1)
     use_col = (vc > vr)[:, None]
     alt_ref = torch.where(use_col, fx_heads(rows), fx_heads(first))
     return sig_ref, torch.where(use_col, bc, br), (vc - vr).abs() > slack, alt_ref, torch.where(use_col, br, bc)

@@ -100,10 +100,8 @@ def test_qk_path_equals_attention_map_path(kind, score):
     assert selection_margin(map_sig, KEEP) > MARGIN
     if score == "focal":  # both paths must pick the same of received / paid attention
         col = F.significance(attn, score="received", num_prefix=p).double()
-        # row sums = columns of the transpose
-        row = F.significance(attn.transpose(-1, -2), score="received", num_prefix=p).double()
-        m = col.mean(dim=1, keepdim=True)
-        vc, vr = ((col - m) ** 2).sum(dim=1), ((row - m) ** 2).sum(dim=1)
+        row = F.significance(attn.transpose(-1, -2), score="received", num_prefix=p).double()  # row sums = columns of the transpose
+        vc, vr = (((v - v.mean(dim=1, keepdim=True)) ** 2).sum(dim=1) for v in (col, row))
         assert ((vc - vr).abs() > 1e-3 * torch.maximum(vc, vr)).all()
 
     # The map path gathers from the q/k run's hidden states: the eager run's differ by float rounding.

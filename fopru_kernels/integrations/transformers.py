@@ -26,6 +26,7 @@ Entry points:
   (`LlavaNextForConditionalGeneration`, `LlavaNextModel`) prunes each image's packed feature sequence
   after `pack_image_features`, in one `prune_tokens_varlen` call. The handle's `prepare_inputs`
   shortens the image placeholders of tokenised inputs to the kept count per image for `generate()`.
+  Qwen2-VL, Qwen2.5-VL and Qwen3-VL models are handed to `integrations.qwen_vl` (one entry point).
 """
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ class FoPruLlava:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         kept = keep_placeholders(ids, valid, self.image_token_id, self.tokens_per_image, self.keep)
-        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
+        return compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks: the model computes all N image features again."""
@@ -410,7 +411,7 @@ class FoPruLlavaNext:
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         lengths, keep = self.image_token_counts(inputs["image_sizes"])
         kept = keep_placeholder_runs(ids, valid, self.image_token_id, lengths, keep)
-        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
+        return compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks and the pack_image_features override: all n_i image tokens again."""
@@ -465,7 +466,7 @@ def keep_placeholders(
     return valid & (~image | (rank_in_image < keep))
 
 
-def _compact_inputs(inputs: Mapping, kept: torch.Tensor, pad_token_id: int, padding_side: str) -> dict:
+def compact_inputs(inputs: Mapping, kept: torch.Tensor, pad_token_id: int, padding_side: str = "left") -> dict:
     """Every (B, T) tensor of `inputs` (input_ids, attention_mask, ...) compacted to the kept
     positions and re-padded (input_ids with pad_token_id, the rest with 0); others pass through."""
     shape = inputs["input_ids"].shape
@@ -506,7 +507,8 @@ def _llava_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, (LlavaModel, LlavaNextModel)):
         raise ValueError(
             "FoPru for transformers supports LlavaForConditionalGeneration, LlavaModel, "
-            f"LlavaNextForConditionalGeneration and LlavaNextModel, got {type(model).__name__}"
+            "LlavaNextForConditionalGeneration, LlavaNextModel and the Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, "
+            f"got {type(model).__name__}"
         )
     return model
 
@@ -520,14 +522,18 @@ def apply_fopru(
     score: str = "focal",
     kind: str = "logit",
     backend: str = "auto",
-) -> FoPruLlava | FoPruLlavaNext:
-    """Makes a LLaVA or LLaVA-NeXT model hand fewer image tokens per image to its language model.
+    layer: int | None = None,
+):
+    """Makes a LLaVA, LLaVA-NeXT or Qwen-VL model hand fewer image tokens per image to its language model.
 
     model: LlavaForConditionalGeneration / LlavaModel, or LlavaNextForConditionalGeneration /
-    LlavaNextModel, with a CLIP or SigLIP vision tower and one int vision_feature_layer. Give exactly
-    one of keep (tokens per image) or ratio (in [0, 1], via `retained_count`). LLaVA keeps `keep` of
-    its N patches per image; LLaVA-NeXT keeps every image_newline token plus min(keep, patches_i) or
-    retained_count(patches_i, ratio) of image i's packed patch tokens (see FoPruLlavaNext).
+    LlavaNextModel, with a CLIP or SigLIP vision tower and one int vision_feature_layer; or a
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (...ForConditionalGeneration or ...Model), served by
+    `integrations.qwen_vl.apply_fopru` (see there; score / kind default to 'focal' / 'logit', `layer`
+    picks the scored vision block). Give exactly one of keep (tokens per image) or ratio (in [0, 1], via
+    `retained_count`). LLaVA keeps `keep` of its N patches per image; LLaVA-NeXT keeps every image_newline
+    token plus min(keep, patches_i) or retained_count(patches_i, ratio) of image i's packed patch tokens
+    (see FoPruLlavaNext).
     strategy 'rank' | 'row' (LLaVA only; row needs keep to be a multiple of the grid width), score
     'focal' (FoPru's, the default) | 'received' | 'cls' (CLIP), kind 'logit' (FoPru's, the default) |
     'prob' (SPEC.md), backend 'auto' (FOPRU_BACKEND's choice) | 'cpu' | 'cuda' | 'triton' | 'reference'.
@@ -537,19 +543,31 @@ def apply_fopru(
     """
     from transformers import LlavaNextModel
 
+    from . import qwen_vl
+
     check_backend(backend)
+    if qwen_vl.qwen_vl_model(model) is not None:
+        return qwen_vl.apply_fopru(model, keep, ratio=ratio, strategy=strategy, score=score, kind=kind, layer=layer,
+                                   backend=backend)
+    if layer is not None:
+        raise ValueError("layer is a Qwen-VL setting; LLaVA scores the layer of config.vision_feature_layer")
     inner = _llava_model(model)
     if (keep is None) == (ratio is None):
         raise ValueError(f"give exactly one of keep or ratio, got keep={keep}, ratio={ratio}")
     if getattr(inner, "_fopru", None) is not None:
         raise ValueError("FoPru is already applied to this model; call remove_fopru(model) first")
     handle_cls = FoPruLlavaNext if isinstance(inner, LlavaNextModel) else FoPruLlava
-    inner._fopru = handle_cls(inner, keep, ratio, strategy, score, kind, backend)
+    inner._fopru = handle_cls(inner, keep, ratio, strategy, score or "cls", kind or "prob", backend)
     return inner._fopru
 
 
 def remove_fopru(model: nn.Module) -> None:
     """Undoes apply_fopru: the model keeps all image tokens again. A no-op if FoPru is not applied."""
+    from . import qwen_vl
+
+    if qwen_vl.qwen_vl_model(model) is not None:
+        qwen_vl.remove_fopru(model)
+        return
     inner = _llava_model(model)
     handle = getattr(inner, "_fopru", None)
     if handle is not None:

@@ -98,8 +98,8 @@ def prune(b, n, keep, *, score="cls", strategy="rank", grid=None, d=1024, h=16, 
     def run():
         s = prefix + n
         a = _empty((b, h, 1 if score == "cls" else s, s), attn, layout)
-        return fopru.prune_tokens(_empty((b, n, d), dtype, layout), a, keep, strategy, score, prefix, grid,
-                                  backend="triton")
+        return fopru.prune_tokens(_empty((b, n, d), dtype, layout), a, keep, strategy=strategy, score=score,
+                                  num_prefix=prefix, grid=grid, backend="triton")
     return _case("prune", (b, n, keep), dict(score=score, strategy=strategy, grid=grid, d=d, h=h, dtype=dtype,
                                              attn=attn, prefix=prefix, layout=layout), run)
 
@@ -108,15 +108,15 @@ def significance(b, n, *, score="cls", h=16, attn="fp32", prefix=1, layout="cont
     """significance on attn (b, h, 1 or S, S)."""
     def run():
         s = prefix + n
-        return fopru.significance(_empty((b, h, 1 if score == "cls" else s, s), attn, layout), score, prefix,
-                                  backend="triton")
+        return fopru.significance(_empty((b, h, 1 if score == "cls" else s, s), attn, layout), score=score,
+                                  num_prefix=prefix, backend="triton")
     return _case("significance", (b, n), dict(score=score, h=h, attn=attn, prefix=prefix, layout=layout), run)
 
 
 def select(b, n, keep, *, strategy="rank", grid=None, layout="contiguous"):
     """select on sig (b, n) int64."""
     def run():
-        return fopru.select(_empty((b, n), "int64", layout), keep, strategy, grid, backend="triton")
+        return fopru.select(_empty((b, n), "int64", layout), keep, strategy=strategy, grid=grid, backend="triton")
     return _case("select", (b, n, keep), dict(strategy=strategy, grid=grid, layout=layout), run)
 
 
@@ -130,9 +130,11 @@ def qk(b, n, keep=None, *, score="cls", kind="prob", lse=False, d=64, h=16, dtyp
         q, k = _empty(shape, dtype, layout), _empty(shape, dtype, layout)
         norms = _empty((b, h, s), "fp32") if lse else None
         if keep is None:
-            return fopru.significance_qk(q, k, score, prefix, None, norms, kind, qk_layout, backend="triton")
-        return fopru.prune_tokens_qk(_empty((b, n, dim), "fp16"), q, k, keep, strategy, score, prefix, grid, None,
-                                     norms, kind, qk_layout, backend="triton")
+            return fopru.significance_qk(q, k, score=score, num_prefix=prefix, lse=norms, kind=kind, layout=qk_layout,
+                                         backend="triton")
+        return fopru.prune_tokens_qk(_empty((b, n, dim), "fp16"), q, k, keep, strategy=strategy, score=score,
+                                     num_prefix=prefix, grid=grid, lse=norms, kind=kind, layout=qk_layout,
+                                     backend="triton")
     return _case("qk", (b, n, keep), dict(score=score, kind=kind, lse=lse, d=d, h=h, dtype=dtype, qk_layout=qk_layout,
                                           strategy=strategy, grid=grid, dim=dim, prefix=prefix, layout=layout), run)
 
@@ -144,7 +146,7 @@ def varlen(seqlens, keeps, *, strategy="rank", grids=None, d=1024, dtype="fp16",
         cu_seqlens = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=DTYPES[cu])
         flat = None if grids is None else [v for g in grids for v in g]
         return fopru.prune_tokens_varlen(_empty((t, d), dtype, layout), _empty((t,), "int64"), cu_seqlens,
-                                         list(keeps), strategy, flat, backend="triton")
+                                         list(keeps), strategy=strategy, grids=flat, backend="triton")
     return _case("varlen", (seqlens, keeps), dict(strategy=strategy, grids=grids, d=d, dtype=dtype, cu=cu,
                                                   layout=layout), run)
 

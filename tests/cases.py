@@ -154,6 +154,8 @@ def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:
     q, k = (torch.randn(2, 2, 17, 8, generator=gen).to(device) for _ in range(2))
     sig = torch.randint(-(2**40), 2**40, (2, 16), generator=gen).to(device)
     cu = torch.tensor([0, 6, 16], device=device)
+    pq, pk = (torch.randn(24, 2, 8, generator=gen).to(device) for _ in range(2))  # packed (T, H, d)
+    pcu = torch.tensor([0, 8, 24], device=device)
     return {
         "significance": (attn, "focal", 1),
         "select": (sig, 8, "row", [4, 4]),
@@ -163,4 +165,7 @@ def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:
         "prune_tokens_varlen": (tokens[0], sig[0], cu, [3, 4], "rank", None),
         "significance_qk_parts": (q, k, "focal", 1, None, None, "logit", "bhsd"),
         "significance_from_parts": (torch.stack((sig, sig.flip(1)), dim=1),),
+        "significance_qk_varlen": (pq, pk, pcu, "focal", None, None, "logit", 4),
+        "prune_tokens_qk_varlen": (tokens[0, :6], pq, pk, pcu, [2, 3], "rank", "focal", None, None, "prob", 4, None,
+                                   None),
     }

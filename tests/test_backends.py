@@ -140,11 +140,11 @@ def test_has_cuda_kernels_means_every_cxx_op_has_its_cuda_kernel():
 @pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
 def test_cpu_slots_hold_the_cxx_kernels():
     for op in ALL:
-        assert "csrc/" in _slot(op, "CPU")
+        assert ("csrc/" in _slot(op, "CPU")) == (op not in ops.REFERENCE_ONLY), op
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs the CUDA slot's kernel on CPU tensors: TRITON_INTERPRET=1")
-@pytest.mark.parametrize("op", sorted(ALL))
+@pytest.mark.parametrize("op", sorted(ALL - ops.REFERENCE_ONLY))
 def test_cuda_slot_runs_triton_by_default(op, triton_launches):
     """The kernel the dispatcher would run for CUDA tensors, called on CPU tensors (the interpreter
     runs Triton there): it must launch Triton kernels and give the reference's result."""
@@ -162,6 +162,22 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
         assert "CUDA (inactive): registered at" in torch._C._dispatch_dump(f"fopru::{op}")
 
 
+@pytest.mark.parametrize("op", sorted(ops.REFERENCE_ONLY))
+def test_reference_only_ops_run_the_reference_on_both_devices(op):
+    """Until their kernels land, both dispatcher slots of these ops hold the reference (ops.py), and
+    forcing a kernel backend is refused rather than silently served by the oracle."""
+    assert F.default_backend("cpu", op) == F.default_backend("cuda", op) == "reference"
+    for key in ("CPU", "CUDA"):
+        assert "fopru_kernels/ops.py" in _slot(op, key)
+    args = op_calls()[op]
+    for g, w in zip(torch.utils._pytree.tree_leaves(call(op, args, "auto")),
+                    torch.utils._pytree.tree_leaves(call(op, args, "reference"))):
+        assert torch.equal(g, w)
+    for backend in ("cpu", "triton"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' has no"):
+            call(op, args, backend)
+
+
 def test_op_calls_cover_every_op():
     assert set(op_calls()) == ALL
 
@@ -170,8 +186,8 @@ def test_op_calls_cover_every_op():
 def test_fopru_backend_cuda_puts_the_cxx_kernels_in_the_cuda_slots():
     code = (
         "import torch, fopru_kernels as F\n"
-        "from fopru_kernels.ops import SCHEMAS\n"
-        "for op in SCHEMAS:\n"
+        "from fopru_kernels.ops import REFERENCE_ONLY, SCHEMAS\n"
+        "for op in set(SCHEMAS) - REFERENCE_ONLY:\n"
         "    assert F.default_backend('cuda', op) == 'cuda' and F.default_backend('cpu', op) == 'cpu'\n"
         "    line = next(l for l in torch._C._dispatch_dump('fopru::' + op).splitlines() if l.startswith('CUDA'))\n"
         "    assert line.startswith('CUDA: ') and 'csrc/cuda/' in line, line\n"

@@ -215,7 +215,11 @@ def compile_spec(spec: Spec) -> Result:
         with contextlib.redirect_stdout(log):
             kernel = _kernel(spec).preload(spec.data)
     except Exception as e:  # noqa: BLE001: every compile error is a result to report
-        result.error = f"{type(e).__name__}: {e}"
+        # Triton's CompilationError names the source line; the reason is in its cause chain.
+        chain = [e]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        result.error = "\n".join(f"{type(x).__name__}: {x}" for x in reversed(chain))
     else:
         text = log.getvalue()
         result.shared = int(kernel.metadata.shared)

@@ -158,7 +158,7 @@ def _focal_side(a, b, n):
     a1, a2 = _carry(a1, a[2])
     a2, a3 = _carry(a2, a[3])
     a3, a4 = _carry(a3, 0)
-    n = n.to(tl.int64)
+    n = tl.zeros([], tl.int64) + n  # n may be a Python int: Triton specialises an int argument equal to 1
     w0, w1 = _carry(n * a0, n * a1)  # each product < 2^63
     w1, w2 = _carry(w1, n * a2)
     w2, w3 = _carry(w2, n * a3)

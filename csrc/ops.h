@@ -1,5 +1,6 @@
-// Torch-side declarations shared by ops.cpp (schema, checks, CPU) and the CUDA kernels:
-// validated, resolved arguments so every backend checks inputs once with the same messages.
+// Torch-side declarations shared by ops.cpp (schema), checks.cpp (input checks), the CPU and the
+// CUDA kernels: validated, resolved arguments so every backend checks inputs once with the same
+// messages.
 #pragma once
 
 #include <ATen/core/Tensor.h>

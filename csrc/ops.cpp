@@ -28,8 +28,8 @@ TORCH_LIBRARY(fopru, m) {
       "significance_qk_parts(Tensor q, Tensor k, str score=\"focal\", int num_prefix=1, float? scale=None, "
       "Tensor? lse=None, str kind=\"prob\", str layout=\"bhsd\") -> Tensor");
   m.def("significance_from_parts(Tensor parts) -> Tensor");
-  // Interim: no kernel registers these two yet; fopru_kernels/ops.py serves them with the
-  // float64 reference on CPU and CUDA tensors until the kernels land.
+  // The packed q/k ops: C++ CPU kernels (cpu/significance_qk_varlen.cpp), no CUDA kernel yet
+  // (fopru_kernels/ops.py serves CUDA tensors with the float64 reference until it lands).
   m.def(
       "significance_qk_varlen(Tensor q, Tensor k, Tensor cu_seqlens, str score=\"focal\", float? scale=None, "
       "Tensor? lse=None, str kind=\"prob\", int group=1) -> Tensor");

@@ -60,7 +60,7 @@ def _want_cuda() -> bool:
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT)) + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     # -fopenmp: at::parallel_for is inlined here and runs serially unless OpenMP is on (libgomp is
     # the runtime torch itself loads).
     cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]

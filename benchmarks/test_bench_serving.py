@@ -4,12 +4,15 @@
 S=577, d=64, D=1024, keep=144, q/k (B, H, S, d)) per fused backend against the float64 oracle
 (reference_qk.py, which materialises each image's H x S x S map). Ragged batches: 8 images of
 256 to 2304 patches (6144 tokens, D=1024, a quarter kept) in one prune_tokens_varlen call against
-the loop over images an engine runs today (one dense select + gather per image). The GPU report
-of the same (against SDPA, TTFT) is `python -m benchmarks.serving`. extra_info holds GB/s of
-the minimal traffic (q and k read once, kept rows read and written).
+the loop over images an engine runs today (one dense select + gather per image). Packed q/k:
+prune_tokens_qk_varlen on a Qwen2.5-VL-7B-shaped encoder batch (8 images of 192 to 2240 patches in
+one FlashAttention-varlen sequence, 7744 tokens, H=16, d=80, q/k strided views of one qkv
+projection, 2 x 2 merge units: group 4, D=3584, a quarter kept per image) against the float64
+oracle. The GPU report of the same (against SDPA, TTFT) is `python -m benchmarks.serving`.
+extra_info holds GB/s of the minimal traffic (q and k read once, kept rows read and written).
 
 Before timing, each case checks that what it times does the job the comparison assumes: the q/k
-op's significance is the oracle's within float rounding and its selection and gather are exact on
+ops' significance is the oracle's within float rounding and their selection and gather are exact on
 it; the ragged op and the per-image loop return the reference's rows bit for bit; the traffic
 counts the real tensors. With `--benchmark-disable` the suite is a smoke test of exactly that.
 """
@@ -126,4 +129,50 @@ def test_prune_tokens_varlen(run_benchmark, device, strategy, impl):
         want = reference.prune_tokens_varlen(tokens.cpu(), sig.cpu(), cu.cpu(), keep, strategy, grids)[0]
         assert torch.equal(pruned.cpu(), want)
         assert traffic == sig.nbytes + 2 * pruned.nbytes  # sig read once, kept rows read + written
+        run_benchmark(call, sets, dev, traffic)
+
+
+# Qwen2.5-VL-7B's vision tower: 16 heads of d = 80, 2 x 2 patches merged into one D = 3584 token.
+QWEN_GRIDS = ((16, 16), (32, 32), (24, 40), (48, 36), (20, 28), (40, 56), (12, 16), (28, 28))  # patches
+QWEN_H, QWEN_D_HEAD, QWEN_GROUP, QWEN_D = 16, 80, 4, 3584
+
+
+def _qwen_inputs(dev: torch.device, seed: int):
+    """tokens (T / 4, D) fp16 merged tokens; q, k (T, H, d) views of one (T, 3, H, d) qkv projection,
+    as Qwen2.5-VL's vision attention splits it; cu_seqlens (9,) int32, one segment per image."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    sizes = [r * c for r, c in QWEN_GRIDS]
+    t = sum(sizes)
+    qkv = torch.randn(t, 3, QWEN_H, QWEN_D_HEAD, generator=gen, device=dev, dtype=QK_DTYPE[dev.type])
+    tokens = torch.randn(t // QWEN_GROUP, QWEN_D, generator=gen, device=dev, dtype=torch.float16)
+    cu = torch.tensor([0, *itertools.accumulate(sizes)], device=dev, dtype=torch.int32)
+    return tokens, qkv[:, 0], qkv[:, 1], cu
+
+
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_prune_tokens_qk_varlen(run_benchmark, kind, impl):
+    dev = torch.device("cpu")
+    if impl != "reference" and impl not in fopru_kernels.available_backends(dev):
+        pytest.skip(f"backend {impl!r} is not available for CPU tensors in this install")
+    keep = [r * c // QWEN_GROUP // 4 for r, c in QWEN_GRIDS]  # a quarter of each image's merged tokens
+    sets = [_qwen_inputs(dev, s) for s in range(2)]
+    if impl == "reference":
+        def call(tokens, q, k, cu):
+            return reference_qk.prune_tokens_qk_varlen(tokens, q, k, cu, keep, kind=kind, group=QWEN_GROUP)
+    else:
+        def call(tokens, q, k, cu):
+            return fopru_kernels.prune_tokens_qk_varlen(tokens, q, k, cu, keep, kind=kind, group=QWEN_GROUP,
+                                                        backend=impl)
+    traffic = 2 * sets[0][1].numel() * sets[0][1].element_size() + 2 * sum(keep) * QWEN_D * 2
+    with torch.no_grad():
+        tokens, q, k, cu = sets[0]
+        pruned, idx, cu_out = call(tokens, q, k, cu)
+        assert torch.equal(pruned, tokens[idx]) and cu_out.tolist() == [0, *itertools.accumulate(keep)]
+        if impl != "reference":
+            sig = fopru_kernels.significance_qk_varlen(q, k, cu, kind=kind, group=QWEN_GROUP, backend=impl)
+            oracle = reference_qk.significance_qk_varlen(q, k, cu, kind=kind, group=QWEN_GROUP)
+            assert float((sig - oracle).abs().max()) / FX_SCALE < 1e-3  # float32 rounding, not another score
+            assert torch.equal(idx, reference.prune_tokens_varlen(tokens, sig, cu // QWEN_GROUP, keep)[1])
+        assert traffic == q.nbytes + k.nbytes + 2 * pruned.nbytes  # q and k read once, kept rows read + written
         run_benchmark(call, sets, dev, traffic)

@@ -1,5 +1,6 @@
-// Torch-side declarations shared by ops.cpp (schema, checks, CPU) and the CUDA kernels:
-// validated, resolved arguments so every backend checks inputs once with the same messages.
+// Torch-side declarations shared by ops.cpp (schema), checks.cpp (input checks), the CPU and the
+// CUDA kernels: validated, resolved arguments so every backend checks inputs once with the same
+// messages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -128,5 +129,11 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& tokens, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
     const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
     c10::string_view strategy, at::OptionalIntArrayRef grids);
+// Its selection and gather on checked arguments (`a`, values_checked): sig (T,) contiguous int64 of
+// tokens (T, D), segment b = [cu_seqlens[b] / divisor, cu_seqlens[b + 1] / divisor) -> (pruned, idx,
+// cu_seqlens_out of cu_seqlens' dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_segments_cpu(const at::Tensor& tokens, const int64_t* sig,
+                                                                  const at::Tensor& cu_seqlens, int64_t divisor,
+                                                                  const VarlenArgs& a);
 
 }  // namespace fopru

@@ -1,6 +1,6 @@
 """Input validation of SPEC.md 'Errors', shared by the reference and the Triton launchers.
 
-csrc/ops.cpp performs the same checks in the same order with the same messages, so a user sees
+csrc/checks.cpp performs the same checks in the same order with the same messages, so a user sees
 one text whichever backend ran; tests/test_errors.py asserts both.
 """
 from __future__ import annotations

@@ -97,9 +97,15 @@ def _has_kernel(name: str, key: str) -> bool:
 # Read before any Python registration below can fill a slot: these are the C++ kernels.
 CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-# Every op the library implements in C++ has its CUDA C++ kernel too (ops still served by the
-# reference alone, like the packed q/k ops today, have neither).
-HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS
+# Ops whose GPU kernels (CUDA C++ and Triton) have not landed yet, though their C++ CPU kernel has:
+# backends.resolve then sends their CUDA tensors to the float64 reference, which reads cu_seqlens on
+# the host (a sync). Declared rather than read from the slots so that a GPU kernel missing from a
+# build cannot pass for a pending one: HAS_CUDA_KERNELS and the tests of the GPU slots leave exactly
+# these out. The change that registers their CUDA / Triton kernels empties this set.
+WITHOUT_GPU_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+# The library was built with its CUDA kernels: every op with a C++ CPU kernel has its CUDA C++ kernel
+# too, except the ops above, which have none yet.
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_GPU_KERNELS
 
 
 def _grid(grid):
@@ -121,9 +127,6 @@ _REFERENCE_IMPLS = {
     "significance_qk_varlen": lambda *args: reference_qk.significance_qk_varlen(*args),
     "prune_tokens_qk_varlen": lambda *args: reference_qk.prune_tokens_qk_varlen(*args),
 }
-# Ops with no C++ or Triton kernel yet: the float64 oracle serves them on every device, reading
-# cu_seqlens on the host (a sync on a GPU). Tests of kernel slots leave them out by this name.
-REFERENCE_ONLY = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
 
 
 def _triton_module():
@@ -370,6 +373,8 @@ def _require(name: str, backend: str, tensor) -> None:
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
+        if name in WITHOUT_GPU_KERNELS:
+            raise ValueError(f"backend='cuda' has no CUDA C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if name not in CUDA_KERNEL_OPS:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")
         if dev is not None and dev.type != "cuda":

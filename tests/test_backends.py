@@ -134,17 +134,26 @@ def test_has_cuda_kernels_means_every_cxx_op_has_its_cuda_kernel():
     cxx = {op for op in ALL if re.search(r"^CPU( \(inactive\))?: registered at \S*csrc/", dumps[op], re.M)}
     assert ops.CUDA_KERNEL_OPS == has
     assert ops.CPU_KERNEL_OPS == cxx
-    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx)
+    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx - ops.WITHOUT_GPU_KERNELS)
+
+
+def test_ops_listed_without_gpu_kernels_have_none():
+    """WITHOUT_GPU_KERNELS is declared, not read from the slots: an op in it that gained a CUDA C++ or
+    Triton kernel must leave it (so the GPU tests cover that kernel), and it must name real ops."""
+    assert ops.WITHOUT_GPU_KERNELS <= ALL
+    assert not ops.WITHOUT_GPU_KERNELS & (ops.CUDA_KERNEL_OPS | ops.INSTALL.triton_ops)
 
 
 @pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
 def test_cpu_slots_hold_the_cxx_kernels():
+    # Every op has its C++ CPU kernel: a kernel file missing from the build fails here.
+    assert ops.CPU_KERNEL_OPS == ALL
     for op in ALL:
-        assert ("csrc/" in _slot(op, "CPU")) == (op not in ops.REFERENCE_ONLY), op
+        assert "csrc/" in _slot(op, "CPU"), op
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs the CUDA slot's kernel on CPU tensors: TRITON_INTERPRET=1")
-@pytest.mark.parametrize("op", sorted(ALL - ops.REFERENCE_ONLY))
+@pytest.mark.parametrize("op", sorted(ALL - ops.WITHOUT_GPU_KERNELS))
 def test_cuda_slot_runs_triton_by_default(op, triton_launches):
     """The kernel the dispatcher would run for CUDA tensors, called on CPU tensors (the interpreter
     runs Triton there): it must launch Triton kernels and give the reference's result."""
@@ -162,19 +171,22 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
         assert "CUDA (inactive): registered at" in torch._C._dispatch_dump(f"fopru::{op}")
 
 
-@pytest.mark.parametrize("op", sorted(ops.REFERENCE_ONLY))
-def test_reference_only_ops_run_the_reference_on_both_devices(op):
-    """Until their kernels land, both dispatcher slots of these ops hold the reference (ops.py), and
-    forcing a kernel backend is refused rather than silently served by the oracle."""
-    assert F.default_backend("cpu", op) == F.default_backend("cuda", op) == "reference"
-    for key in ("CPU", "CUDA"):
-        assert "fopru_kernels/ops.py" in _slot(op, key)
+@pytest.mark.parametrize("op", sorted(ops.WITHOUT_GPU_KERNELS))
+def test_ops_without_gpu_kernels_run_the_reference_on_cuda(op):
+    """Until their GPU kernels land, the CUDA slot of these ops holds the reference (ops.py), the CPU
+    slot the C++ kernel (the reference without the library), and forcing a GPU backend is refused
+    rather than silently served by the oracle."""
+    cpu = "cpu" if F.HAS_LIBRARY else "reference"
+    assert F.default_backend("cpu", op) == cpu and F.default_backend("cuda", op) == "reference"
+    assert "fopru_kernels/ops.py" in _slot(op, "CUDA")
+    assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
+    kernel = torch.library.get_kernel(f"fopru::{op}", "CUDA")  # the CUDA slot's kernel, run on CPU tensors
     args = op_calls()[op]
-    for g, w in zip(torch.utils._pytree.tree_leaves(call(op, args, "auto")),
-                    torch.utils._pytree.tree_leaves(call(op, args, "reference"))):
+    got = kernel.call_boxed(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(call(op, args, "reference"))):
         assert torch.equal(g, w)
-    for backend in ("cpu", "triton"):
-        with pytest.raises(ValueError, match=f"backend='{backend}' has no"):
+    for backend in ("cuda", "triton"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' has no .* kernel for {op} yet"):
             call(op, args, backend)
 
 
@@ -186,8 +198,8 @@ def test_op_calls_cover_every_op():
 def test_fopru_backend_cuda_puts_the_cxx_kernels_in_the_cuda_slots():
     code = (
         "import torch, fopru_kernels as F\n"
-        "from fopru_kernels.ops import REFERENCE_ONLY, SCHEMAS\n"
-        "for op in set(SCHEMAS) - REFERENCE_ONLY:\n"
+        "from fopru_kernels.ops import WITHOUT_GPU_KERNELS, SCHEMAS\n"
+        "for op in set(SCHEMAS) - WITHOUT_GPU_KERNELS:\n"
         "    assert F.default_backend('cuda', op) == 'cuda' and F.default_backend('cpu', op) == 'cpu'\n"
         "    line = next(l for l in torch._C._dispatch_dump('fopru::' + op).splitlines() if l.startswith('CUDA'))\n"
         "    assert line.startswith('CUDA: ') and 'csrc/cuda/' in line, line\n"

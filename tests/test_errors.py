@@ -231,7 +231,7 @@ def test_prune_tokens_varlen_errors(name, backend):
         F.prune_tokens_varlen(**_varlen_args(**over), backend=backend)
 
 
-# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp) or in Python (Triton's
+# On a GPU the q/k and varlen ops check their input in C++ (csrc/checks.cpp) or in Python (Triton's
 # launchers): the same texts. The values of cu_seqlens are not checked there (that would be a sync),
 # so those cases stay CPU-only.
 @pytest.mark.cuda

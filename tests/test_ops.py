@@ -55,6 +55,8 @@ def _opcheck_args():
                                                           "prob", 4)),
         (torch.ops.fopru.significance_qk_varlen.default, (packed_q[:16], packed_k[:16], packed_cu.int(), "received",
                                                           0.5, None, "logit", 1)),
+        (torch.ops.fopru.significance_qk_varlen.default, (packed_q[:16], packed_k[:16], packed_cu, "focal", None,
+                                                          lse[0, :, :16], "prob", 2)),  # (H, T) lse, strided
         (torch.ops.fopru.prune_tokens_qk_varlen.default, (tokens[0, :4], packed_q[:16], packed_k[:16], packed_cu, [1, 0, 2],
                                                           "rank", "focal", None, None, "logit", 4, None, None)),
         (torch.ops.fopru.prune_tokens_qk_varlen.default, (tokens[0, :4], packed_q[:16], packed_k[:16], packed_cu, [2],

@@ -1,6 +1,8 @@
 // CPU kernel of prune_tokens_varlen (SPEC.md "Ragged batches"): selection and gather of B packed
 // images of different sizes, one image per task of at::parallel_for. The selection and the row
 // copy are the dense op's (select.h), so every image's result is select() of its own segment.
+// prune_tokens_qk_varlen (significance_qk_varlen.cpp) runs the same selection and gather on the
+// significance it computes, through prune_segments_cpu.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,13 +14,12 @@
 
 namespace fopru {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
-    const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
-    c10::string_view strategy, at::OptionalIntArrayRef grids) {
-  const VarlenArgs a = check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy, grids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_segments_cpu(const at::Tensor& tokens, const int64_t* sig,
+                                                                  const at::Tensor& cu_seqlens, int64_t divisor,
+                                                                  const VarlenArgs& a) {
   // The segment bounds are read below: the check must have validated their values (it does for
   // every CPU tensor), or a bad cu_seqlens would index out of bounds.
-  TORCH_INTERNAL_ASSERT(a.values_checked, "prune_tokens_varlen_cpu: cu_seqlens values were not checked");
+  TORCH_INTERNAL_ASSERT(a.values_checked, "prune_segments_cpu: cu_seqlens values were not checked");
   at::Tensor pruned = at::empty({a.total, a.D}, tokens.options());
   at::Tensor idx = at::empty({a.total}, tokens.options().dtype(at::kLong));
   at::Tensor cu_out = at::empty({a.B + 1}, cu_seqlens.options());
@@ -28,12 +29,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
   });
   if (a.total == 0) return {pruned, idx, cu_out};
 
-  // Both are small next to tokens (8 bytes a token): one contiguous int64 copy each keeps the
-  // selection on plain pointers, as in the dense kernel.
+  // Small next to tokens (8 bytes a segment): one contiguous int64 copy keeps the selection on
+  // plain pointers, as in the dense kernel.
   const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
-  const at::Tensor sc = sig.contiguous();
-  const int64_t* bounds = cu.const_data_ptr<int64_t>();
-  const int64_t* s = sc.const_data_ptr<int64_t>();
+  std::vector<int64_t> bounds(cu.const_data_ptr<int64_t>(), cu.const_data_ptr<int64_t>() + a.B + 1);
+  for (int64_t& v : bounds) v /= divisor;  // checked: non-negative, each a multiple of divisor
   int64_t* ix = idx.data_ptr<int64_t>();
   const int64_t es = tokens.element_size();
   const char* base = static_cast<const char*>(tokens.const_data_ptr());
@@ -44,12 +44,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
     const SelectArgs sel{1, n, k, n / w, w, a.strategy};
     int64_t* image_idx = ix + a.keep_start[b];
     std::vector<int64_t> scratch, order;
-    cpu::select_image(s + start, sel, image_idx, scratch, order);
+    cpu::select_image(sig + start, sel, image_idx, scratch, order);
     for (int64_t j = 0; j < k; ++j) image_idx[j] += start;  // segment-local -> global token index
     cpu::gather_rows(base, tokens.stride(0) * es, tokens.stride(1) * es, es, a.D, image_idx, k,
                      out + a.keep_start[b] * a.D * es);
   });
   return {pruned, idx, cu_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cpu(
+    const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+    c10::string_view strategy, at::OptionalIntArrayRef grids) {
+  const VarlenArgs a = check_prune_varlen(tokens, sig, cu_seqlens, keep, strategy, grids);
+  const at::Tensor s = sig.contiguous();  // 8 bytes a token, small next to tokens
+  return prune_segments_cpu(tokens, s.const_data_ptr<int64_t>(), cu_seqlens, 1, a);
 }
 
 }  // namespace fopru

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from cases import lay_out
-from conftest import cpu_backends, gpu_backends
+from conftest import cpu_backends, cuda_global_keys, gpu_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -319,7 +319,7 @@ def test_batches_gpu(cuda_device, c, backend):
 
 # The CUDA kernel's own paths: an image whose keys do not fit shared memory next to small ones,
 # a 128 x 128 row grid, more images than one launch takes (256), each also down the global-memory
-# key path (FOPRU_CUDA_FORCE_GLOBAL_KEYS=1, read on every call).
+# key path (the test hook torch.ops.fopru_testing.cuda_force_global_keys).
 CUDA_PATHS = [
     Batch(sizes=(16384, 64, 64, 64), keep=(4096, 16, 0, 64), D=8, seed=10),
     _row_batch([(128, 128), (8, 8)], [32, 2], D=8, seed=11),
@@ -329,13 +329,13 @@ CUDA_PATHS = [
 
 @pytest.mark.cuda
 @pytest.mark.cuda_cxx
-@pytest.mark.parametrize("force_global", ["0", "1"])
+@pytest.mark.parametrize("force_global", [False, True])
 @pytest.mark.parametrize("c", CUDA_PATHS, ids=[c.id() for c in CUDA_PATHS])
-def test_cuda_kernel_paths(cuda_device, monkeypatch, c, force_global):
+def test_cuda_kernel_paths(cuda_device, c, force_global):
     if not F.HAS_CUDA_KERNELS:
         pytest.skip("needs the library's CUDA kernels")
-    monkeypatch.setenv("FOPRU_CUDA_FORCE_GLOBAL_KEYS", force_global)
-    check_batch(c, "cuda", cuda_device)
+    with cuda_global_keys(force_global):
+        check_batch(c, "cuda", cuda_device)
 
 
 @pytest.mark.cuda

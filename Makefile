@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 # CUDA kernels are compiled whenever a toolkit is found (no GPU needed); FOPRU_BUILD_CUDA=0 skips them.
 export MAX_JOBS ?= 2
-CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu)
 
 .PHONY: demo test pytest build cmake-test bench clean triton-compile-check
 

@@ -235,6 +235,8 @@ QkArgs check_significance_qk(const at::Tensor& q, const at::Tensor& k, std::stri
   if (kind != "prob" && kind != "logit") fail("kind must be 'prob' or 'logit', got '", kind, "'");
   const int hd = bshd ? 2 : 1, sd = bshd ? 1 : 2;
   const int64_t b = q.size(0), h = q.size(hd), s = q.size(sd), d = q.size(3);
+  // No heads, no attention: refused, as by the packed ops (a zero score would rank nothing).
+  if (h < 1) fail("q must have at least one head: q.shape[", hd, "] (H) must be >= 1, got 0");
   if (d < 1) fail("q's head dim d must be >= 1, got 0");
   if (num_prefix < 0 || num_prefix >= s) {
     fail("num_prefix must be in [0, S) = [0, ", s, ") with S = ", s, " tokens in q, got ", num_prefix);

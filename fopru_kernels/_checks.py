@@ -129,6 +129,8 @@ def check_significance_qk(q, k, score: str, num_prefix: int, scale, lse, kind: s
     if kind not in KINDS:
         _fail(f"kind must be 'prob' or 'logit', got '{kind}'")
     b, h, s, d = qk_dims(q, layout)
+    if h < 1:  # no heads, no attention: refused, as by the packed ops (a zero score would rank nothing)
+        _fail(f"q must have at least one head: q.shape[{1 if layout == 'bhsd' else 2}] (H) must be >= 1, got 0")
     if d < 1:
         _fail("q's head dim d must be >= 1, got 0")
     if num_prefix < 0 or num_prefix >= s:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import fopru_kernels as fopru
+from fopru_kernels.triton.significance_qk import MAX_HEAD_DIM
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
           "int32": torch.int32, "int64": torch.int64}
@@ -31,7 +32,8 @@ def pow2(lo: int, hi: int) -> tuple[int, ...]:
 FLOATS = ("*fp16", "*bf16", "*fp32")
 # Per kernel: tl.constexpr parameter -> every value the launchers can pass on a GPU, and pointer
 # parameter -> every dtype it can get (see the launchers in fopru_kernels/triton/). q/k head dims
-# are covered up to 256 (ViT heads are 64-128): a larger d compiles larger tiles than these.
+# are covered up to MAX_HEAD_DIM (256), the cap the q/k launchers enforce (SPEC.md "Backend
+# limits"; ViT heads are 64-128), so BLOCK_D of the q/k kernels reaches exactly that.
 DOMAINS = {
     "_cls_sig_kernel": {"HEAD_BLOCK": pow2(1, 16), "BLOCK": pow2(1, 256), "attn_ptr": FLOATS + ("*fp64",)},
     "_map_sums_kernel": {"ROWS": (False, True), "BLOCK_Q": (16,), "BLOCK_K": pow2(1, 128),
@@ -46,12 +48,12 @@ DOMAINS = {
                              "BLOCK_D": pow2(1, 4096), "RADIX_BITS": (8,), "tokens_ptr": FLOATS,
                              "cu_ptr": ("*i32", "*i64")},
     "_lse_kernel": {"UPCAST": (False,), "IEEE": (False, True), "BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64),
-                    "BLOCK_D": pow2(16, 256), "q_ptr": FLOATS},
-    "_cls_kernel": {"PROB": (False, True), "BLOCK_J": pow2(16, 4096), "BLOCK_D": pow2(1, 256), "q_ptr": FLOATS},
-    "_logit_means_kernel": {"ROWS": (False, True), "BLOCK_S": pow2(16, 4096), "BLOCK_D": pow2(1, 256),
+                    "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
+    "_cls_kernel": {"PROB": (False, True), "BLOCK_J": pow2(16, 4096), "BLOCK_D": pow2(1, MAX_HEAD_DIM), "q_ptr": FLOATS},
+    "_logit_means_kernel": {"ROWS": (False, True), "BLOCK_S": pow2(16, 4096), "BLOCK_D": pow2(1, MAX_HEAD_DIM),
                             "q_ptr": FLOATS},
     "_prob_means_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True), "BLOCK_M": (16, 32, 64),
-                           "BLOCK_N": (16, 32, 64), "BLOCK_D": pow2(16, 256), "q_ptr": FLOATS},
+                           "BLOCK_N": (16, 32, 64), "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
     "_row_means_kernel": {"BLOCK": pow2(1, 1024)},
 }
 # (kernel, parameter, value) -> why the GPU path never passes it; such values are not required.

@@ -1,4 +1,6 @@
 """Shared fixtures. Nothing here touches the GPU at import or collection time."""
+import contextlib
+
 import pytest
 import torch
 
@@ -27,6 +29,20 @@ def call(op: str, args: tuple, backend: str):
     names are the schema's)."""
     names = [a.name for a in getattr(torch.ops.fopru, op).default._schema.arguments]
     return getattr(F, op)(**dict(zip(names, args)), backend=backend)
+
+
+@contextlib.contextmanager
+def cuda_global_keys(enable: bool = True):
+    """Inside the block every selection of the CUDA C++ kernels takes the global-memory key path
+    (enable=True), which otherwise only keys too large for shared memory take: the library's test
+    hook torch.ops.fopru_testing.cuda_force_global_keys, restored afterwards. Needs the library's
+    CUDA kernels."""
+    hook = torch.ops.fopru_testing.cuda_force_global_keys
+    previous = hook(enable)
+    try:
+        yield
+    finally:
+        hook(previous)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 
 import fopru_kernels as F
 from cases import ATTN_DTYPES, Case, grid_cases, lay_out, make_inputs
-from conftest import call
+from conftest import call, cuda_global_keys
 from fopru_kernels import reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.cuda_cxx]
@@ -27,11 +27,6 @@ class _CxxOps:
 
 
 ops = _CxxOps()
-
-# The selection falls back to keys in global memory when they do not fit in shared memory;
-# this switch forces that path so the small grid exercises it too.
-FORCE_GLOBAL = "FOPRU_CUDA_FORCE_GLOBAL_KEYS"
-
 
 @pytest.fixture(autouse=True)
 def _needs_cuda_kernels():
@@ -88,9 +83,11 @@ def test_grid(c):
 
 
 @pytest.mark.parametrize("c", grid_cases(sizes=(2, 16, 575)), ids=Case.id)
-def test_grid_global_keys(c, monkeypatch):
-    monkeypatch.setenv(FORCE_GLOBAL, "1")
-    check_case(c)
+def test_grid_global_keys(c):
+    # The selection falls back to keys in global memory when they do not fit in shared memory;
+    # the test hook forces that path so the small grid exercises it too.
+    with cuda_global_keys():
+        check_case(c)
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES, ids=str)

@@ -140,6 +140,12 @@ QK_ERRORS = {
     "tokens-n": (dict(tokens=_t(n=5)), r"q's token count S - num_prefix must equal tokens.shape\[1\] \(N\) = 5, got 5 - 1 = 4"),
     "keep": (dict(keep=5), r"keep must be in \[0, N\] = \[0, 4\], got 5"),
     "row-multiple": (dict(strategy="row", keep=3), r"keep must be a multiple of cols = 2 for strategy='row', got 3"),
+    # No heads: refused on every backend, as the packed ops refuse them (SPEC.md).
+    "no-heads": (dict(q=_qk(h=0), k=_qk(h=0)), r"q must have at least one head: q.shape\[1\] \(H\) must be >= 1, got 0"),
+    "no-heads-bshd": (
+        dict(q=_qk(h=0).transpose(1, 2), k=_qk(h=0).transpose(1, 2), layout="bshd"),
+        r"q must have at least one head: q.shape\[2\] \(H\) must be >= 1, got 0",
+    ),
     "heads": (
         dict(q=torch.zeros(1, 1, 1, 1).expand(2, 2**26 + 1, 5, 4), k=torch.zeros(1, 1, 1, 1).expand(2, 2**26 + 1, 5, 4)),
         r"q has too many heads for exact int64 sums: H \* W' = 67108865 \* 1 = 67108865 exceeds 2\^26",
@@ -180,12 +186,46 @@ def test_significance_from_parts_errors(name, backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("name", ["kind", "lse-shape", "scale", "prefix"])
+@pytest.mark.parametrize("name", ["kind", "lse-shape", "scale", "prefix", "no-heads", "no-heads-bshd"])
 def test_significance_qk_parts_errors(name, backend):
     over, pattern = QK_ERRORS[name]
     args = {key: value for key, value in _qk_args(**over).items() if key not in ("tokens", "keep", "strategy", "grid")}
     with pytest.raises(ValueError, match=pattern):
         F.significance_qk_parts(**args, backend=backend)
+    with pytest.raises(ValueError, match=pattern):
+        F.significance_qk(**args, backend=backend)
+
+
+# SPEC.md "Backend limits": the GPU kernels' largest head dim, refused with one text naming d and
+# the backend, before anything else of the call (so also for an empty batch).
+HEAD_DIM_CAPS = {"triton": (256, "Triton"), "cuda": (8192, "CUDA")}
+
+
+def _head_dim_calls(d: int, b: int, device) -> dict:
+    """The three q/k ops on q, k (b, 1, 3, d), keep 1."""
+    q = torch.zeros(b, 1, 3, d, device=device)
+    tokens = torch.zeros(b, 2, 4, device=device)
+    return {
+        "significance_qk": lambda backend: F.significance_qk(q, q, kind="logit", backend=backend),
+        "significance_qk_parts": lambda backend: F.significance_qk_parts(q, q, kind="logit", backend=backend),
+        "prune_tokens_qk": lambda backend: F.prune_tokens_qk(tokens, q, q, 1, kind="logit", backend=backend),
+    }
+
+
+def check_head_dim_cap(backend: str, device) -> None:
+    cap, name = HEAD_DIM_CAPS[backend]
+    pattern = rf"fopru: significance_qk supports head dim d <= {cap} on {name}, got {cap + 1}"
+    for b in (1, 0):
+        for call in _head_dim_calls(cap + 1, b, device).values():
+            with pytest.raises(RuntimeError, match=pattern):
+                call(backend)
+    for call in _head_dim_calls(cap, 1, device).values():
+        call(backend)  # the cap itself runs
+
+
+@pytest.mark.skipif("triton" not in F.available_backends("cpu"), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_triton_head_dim_cap():
+    check_head_dim_cap("triton", "cpu")
 
 
 def _varlen_args(**over):
@@ -252,6 +292,12 @@ def test_prune_tokens_varlen_errors_cuda(name, cuda_device, backend):
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _varlen_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
         F.prune_tokens_varlen(**args, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_head_dim_cap_cuda(cuda_device, backend):
+    check_head_dim_cap(backend, cuda_device)
 
 
 @pytest.mark.cuda

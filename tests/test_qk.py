@@ -47,7 +47,7 @@ from cases import lay_out  # noqa: E402
 from conftest import gpu_backends  # noqa: E402
 from qk_oracle import QKCase, oracle  # noqa: E402
 from fopru_kernels import reference, reference_qk  # noqa: E402
-from fopru_kernels.triton import prune_tokens as tk  # noqa: E402
+from fopru_kernels.triton import select as tsel  # noqa: E402
 from fopru_kernels.triton import significance_qk as tq  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -238,9 +238,9 @@ def test_gpu_launch_shapes(interpreter, monkeypatch, c, staged):
     monkeypatch.setattr(tq, "_tile_config", lambda device: (16, 16, 4))
     monkeypatch.setattr(tq, "_vec_block", lambda n, block_d, device: 8)
     monkeypatch.setattr(tq, "_cls_block", lambda batch, n, block_d, device: 4)
-    monkeypatch.setattr(tk, "_rows_per_program", lambda batch, keep, device: 2)
+    monkeypatch.setattr(tsel, "rows_per_program", lambda batch, keep, device: 2)
     if staged:
-        monkeypatch.setattr(tk, "_MAX_TILE", 1)
+        monkeypatch.setattr(tsel, "MAX_TILE", 1)
     check_case(c, "triton")
 
 

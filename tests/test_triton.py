@@ -21,6 +21,7 @@ from cases import Case, grid_cases, make_inputs  # noqa: E402
 from fopru_kernels import reference  # noqa: E402
 from fopru_kernels._checks import check_prune  # noqa: E402
 from fopru_kernels.triton import prune_tokens as tk  # noqa: E402
+from fopru_kernels.triton import select as tsel  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -106,9 +107,9 @@ STAGED = [c.with_(H=3) for c in grid_cases(sizes=(2, 16), small=True) if c.keep]
 
 @pytest.mark.parametrize("c", STAGED, ids=[c.id() for c in STAGED])
 def test_staged_path(interpreter, monkeypatch, c):
-    monkeypatch.setattr(tk, "_MAX_TILE", 1)
-    monkeypatch.setattr(tk, "_SELECT_BLOCK", 4)  # several unit chunks ...
-    monkeypatch.setattr(tk, "_SELECT_TILE", 16)  # ... and several column chunks per row sum
+    monkeypatch.setattr(tsel, "MAX_TILE", 1)
+    monkeypatch.setattr(tsel, "SELECT_BLOCK", 4)  # several unit chunks ...
+    monkeypatch.setattr(tsel, "SELECT_TILE", 16)  # ... and several column chunks per row sum
     check_case(c, staged_ops=False)
 
 
@@ -127,7 +128,7 @@ def test_select_full_int64_range(interpreter, monkeypatch, n, strategy, keep):
         sig = sig // 4
     ref = reference.select(sig, keep, strategy, (rows, cols) if strategy == "row" else None)
     assert torch.equal(tk.select(sig, keep, strategy, rows, cols), ref)
-    monkeypatch.setattr(tk, "_SELECT_BLOCK", 2)
+    monkeypatch.setattr(tsel, "SELECT_BLOCK", 2)
     assert torch.equal(tk.select(sig, keep, strategy, rows, cols), ref)
 
 
@@ -143,10 +144,10 @@ LAUNCH_SHAPES = [
 def test_gpu_launch_shapes(interpreter, monkeypatch, c):
     """The GPU's launch shapes (two output rows per program, small map tiles, partial head groups
     and CLS head blocks), which the interpreter otherwise avoids for speed."""
-    monkeypatch.setattr(tk, "_rows_per_program", lambda batch, keep, device: 2)
-    monkeypatch.setattr(tk, "_HEAD_BLOCK", 2)
+    monkeypatch.setattr(tsel, "rows_per_program", lambda batch, keep, device: 2)
+    monkeypatch.setattr(tsel, "HEAD_BLOCK", 2)
     monkeypatch.setattr(tk, "_map_config", lambda batch, heads, n, device: (4, 8, 2))
-    monkeypatch.setattr(tk, "_block_d", lambda d, rows: 16)
+    monkeypatch.setattr(tsel, "block_d", lambda d, rows: 16)
     check_case(c)
 
 

@@ -9,6 +9,7 @@ import or collection time.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import os
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from cases import lay_out
-from conftest import cpu_backends, gpu_backends
+from conftest import cpu_backends, cuda_global_keys, gpu_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -251,12 +252,12 @@ SMALL_BLOCK_BATCHES = [
 def test_triton_small_blocks(monkeypatch, c):
     """The GPU's launch shapes, which the interpreter otherwise avoids for speed: several unit chunks
     and column chunks per selection pass, two output rows per program (many programs per image)."""
-    from fopru_kernels.triton import prune_tokens as tk
+    from fopru_kernels.triton import select as tsel
 
-    monkeypatch.setattr(tk, "_SELECT_BLOCK", 4)
-    monkeypatch.setattr(tk, "_SELECT_TILE", 16)
-    monkeypatch.setattr(tk, "_rows_per_program", lambda batch, keep, device: 2)
-    monkeypatch.setattr(tk, "_block_d", lambda d, rows: 2)
+    monkeypatch.setattr(tsel, "SELECT_BLOCK", 4)
+    monkeypatch.setattr(tsel, "SELECT_TILE", 16)
+    monkeypatch.setattr(tsel, "rows_per_program", lambda batch, keep, device: 2)
+    monkeypatch.setattr(tsel, "block_d", lambda d, rows: 2)
     check_batch(c, "triton")
 
 
@@ -307,6 +308,79 @@ def test_triton_invalid_segments():
     check_invalid(run, "cpu")
 
 
+def strided_cu(cu: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens as every second element of a wider buffer whose other elements are out of range:
+    a kernel that ignored the stride would read them as segment bounds."""
+    wide = torch.full((2 * cu.numel(),), 10**6, dtype=cu.dtype, device=cu.device)
+    wide[::2] = cu
+    return wide[::2]
+
+
+STRIDED_CU = [
+    Batch(sizes=(5, 0, 9, 3), keep=(2, 0, 4, 3), seed=21),
+    _row_batch([(2, 3), (3, 4), (1, 5)], [1, 2, 1], cu_dtype=torch.int64, seed=22),
+]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("c", STRIDED_CU, ids=[c.id() for c in STRIDED_CU])
+def test_strided_cu_seqlens(backend, c):
+    """A strided cu_seqlens view gives what the contiguous tensor gives: every backend reads it
+    through its stride (the Triton kernel under TRITON_INTERPRET=1 here)."""
+    tokens, sig, cu = make_batch(c)
+    grids = None if c.grids is None else list(c.grids)
+    want = dense_loop(tokens, sig, cu, c.keep, c.strategy, grids)
+    strided = strided_cu(cu)
+    assert strided.stride(0) == 2
+    got = F.prune_tokens_varlen(tokens, sig, strided, list(c.keep), strategy=c.strategy, grids=grids, backend=backend)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# The per-image table the Triton launcher copies to the device (triton/launch.py): under CUDA graph
+# capture it comes from a pinned arena that is never freed or rewritten, whatever torch's pinned
+# allocator does with its own blocks after the capture.
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+@needs_triton
+def test_graph_tables_are_never_reused():
+    from fopru_kernels.triton.launch import GraphTables
+
+    tables = GraphTables(pin=False, arena_values=6)
+    a = tables.table(0, [1, 2, 3])
+    assert tables.table(0, [1, 2, 3]) is a  # equal tables share their slot
+    b = tables.table(0, [4, 5, 6, 7])  # past the first arena: a second one, the first kept
+    c = tables.table(1, [1, 2, 3])  # another device: its own arena
+    d = tables.table(0, [8])
+    assert [t.tolist() for t in (a, b, c, d)] == [[1, 2, 3], [4, 5, 6, 7], [1, 2, 3], [8]]
+    ptrs = {t.data_ptr() for t in (a, b, c, d)}
+    assert len(ptrs) == 4  # no two tables share memory
+    tables.reserve(2)
+    assert tables.table(2, [9] * 6).tolist() == [9] * 6
+
+
+@needs_triton
+def test_device_table_takes_the_graph_arena_only_under_capture(monkeypatch):
+    """The path choice of launch.host_table: the arena while the device's stream is capturing, a
+    fresh (pinned) tensor otherwise; CPU tensors never capture. Simulated: there is no GPU here."""
+    from fopru_kernels.triton import launch
+
+    arena = launch.GraphTables(pin=False)
+    monkeypatch.setattr(launch, "_GRAPH_TABLES", arena)
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert launch.capturing(cuda0) and not launch.capturing(torch.device("cpu"))
+    first = launch.host_table([3, 1, 4], cuda0)
+    assert launch.host_table([3, 1, 4], cuda0) is first and first.tolist() == [3, 1, 4]
+    assert launch.device_table([3, 1, 4], torch.device("cpu")).tolist() == [3, 1, 4]  # CPU: a plain tensor
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    pinned = []
+    monkeypatch.setattr(launch, "_pinned", lambda values: pinned.append(values) or torch.tensor(values))
+    eager = launch.host_table([3, 1, 4], cuda0)
+    assert pinned == [[3, 1, 4]] and eager is not first and eager.tolist() == [3, 1, 4]
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -319,7 +393,7 @@ def test_batches_gpu(cuda_device, c, backend):
 
 # The CUDA kernel's own paths: an image whose keys do not fit shared memory next to small ones,
 # a 128 x 128 row grid, more images than one launch takes (256), each also down the global-memory
-# key path (FOPRU_CUDA_FORCE_GLOBAL_KEYS=1, read on every call).
+# key path (the test hook torch.ops.fopru_testing.cuda_force_global_keys).
 CUDA_PATHS = [
     Batch(sizes=(16384, 64, 64, 64), keep=(4096, 16, 0, 64), D=8, seed=10),
     _row_batch([(128, 128), (8, 8)], [32, 2], D=8, seed=11),
@@ -329,13 +403,13 @@ CUDA_PATHS = [
 
 @pytest.mark.cuda
 @pytest.mark.cuda_cxx
-@pytest.mark.parametrize("force_global", ["0", "1"])
+@pytest.mark.parametrize("force_global", [False, True])
 @pytest.mark.parametrize("c", CUDA_PATHS, ids=[c.id() for c in CUDA_PATHS])
-def test_cuda_kernel_paths(cuda_device, monkeypatch, c, force_global):
+def test_cuda_kernel_paths(cuda_device, c, force_global):
     if not F.HAS_CUDA_KERNELS:
         pytest.skip("needs the library's CUDA kernels")
-    monkeypatch.setenv("FOPRU_CUDA_FORCE_GLOBAL_KEYS", force_global)
-    check_batch(c, "cuda", cuda_device)
+    with cuda_global_keys(force_global):
+        check_batch(c, "cuda", cuda_device)
 
 
 @pytest.mark.cuda
@@ -370,7 +444,9 @@ GRAPH_BATCHES = {
 @pytest.mark.parametrize("strategy", ["rank", "row"])
 def test_cuda_graph(cuda_device, strategy, backend):
     """Capture once, replay on new tokens, scores and (rank) segment bounds: no host sync, and the
-    per-image table copied during capture stays valid for every replay."""
+    per-image table copied during capture stays valid for every replay, also when eager calls with
+    other tables of the same size ran in between (they would get, and overwrite, a pinned block that
+    torch's host allocator recycled after the capture)."""
     first, replays = GRAPH_BATCHES[strategy]
     keep, grids = list(first.keep), None if first.grids is None else list(first.grids)
     inputs = [make_batch(first.with_(**kw)) for kw in replays]
@@ -384,9 +460,23 @@ def test_cuda_graph(cuda_device, strategy, backend):
         tokens.copy_(t_cpu)
         sig.copy_(s_cpu)
         cu.copy_(cu_cpu)
+        F.prune_tokens_varlen(tokens, sig, cu, [0] * len(keep), strategy=strategy, grids=grids, backend=backend)
         graph.replay()
         for got, want in zip(out, dense_loop(t_cpu, s_cpu, cu_cpu, keep, strategy, grids)):
             assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("c", STRIDED_CU, ids=[c.id() for c in STRIDED_CU])
+def test_strided_cu_seqlens_gpu(cuda_device, backend, c):
+    tokens, sig, cu = make_batch(c, cuda_device)
+    grids = None if c.grids is None else list(c.grids)
+    want = dense_loop(tokens, sig, cu, c.keep, c.strategy, grids)
+    got = F.prune_tokens_varlen(tokens, sig, strided_cu(cu), list(c.keep), strategy=c.strategy, grids=grids,
+                                backend=backend)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
 
 
 @pytest.mark.cuda

@@ -25,6 +25,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "common.cuh"
 #include "fopru.h"
 #include "ops.h"
 #include "select.cuh"
@@ -32,9 +33,15 @@
 namespace fopru {
 namespace {
 
-// Images per launch. Their launch data is 32 * kMaxImages bytes of kernel parameters: CUDA 12.1+
-// allows 32 KiB on sm_70+, and a smaller block keeps the launch of the usual few-image batch cheap.
+// Images per launch. Their launch data is 32 * kMaxImages bytes of kernel parameters, past the
+// 4 KiB that CUDA allowed before 12.1: CUDA 12.1+ allows 32,764 bytes on sm_70+ (with a driver of
+// the 12.1 generation or newer, which any CUDA 12 build of torch needs anyway). setup.py and
+// CMakeLists.txt refuse older toolkits, and so does the #error below. A smaller block keeps the
+// launch of the usual few-image batch cheap.
 constexpr int64_t kMaxImages = 256;
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 1))
+#error "fopru's ragged-batch kernel passes more than 4 KiB of kernel parameters: it needs CUDA 12.1 or newer"
+#endif
 
 // Per-image launch data of images [first, first + count) of the batch, passed by value and read in
 // place from the parameter bank (__grid_constant__: never copied to local memory).
@@ -60,6 +67,8 @@ struct VarlenSpec {
   GatherSpec g;     // tokens as one image (1, T, D) -> pruned (total, D)
   int64_t* idx;     // (total,)
 };
+static_assert(sizeof(VarlenImages) + sizeof(VarlenSpec) <= 32764, "kernel parameters beyond CUDA 12.1's 32,764 bytes");
+
 
 // Keys read from the significance in global memory (L2): item i is the int64 sum of the w tokens
 // of grid row i (w == 1: the token itself, rank). Unsigned sums wrap like torch's int64 sum.
@@ -99,18 +108,6 @@ __device__ void zero_rows(const GatherSpec& g, int64_t k0, int64_t k1) {
   for (int64_t k = k0 + warp_id(); k < k1; k += num_warps()) {
     U* dst = reinterpret_cast<U*>(g.out + k * g.row_bytes);
     for (int64_t e = lane_id(); e < g.units; e += kWarp) dst[e] = U{};
-  }
-}
-
-// Calls f(U{}) with the copy unit type of g (no call when there is nothing to copy).
-template <typename F>
-__device__ __forceinline__ void with_unit(const GatherSpec& g, F&& f) {
-  switch (g.unit) {
-    case 16: f(uint4{}); break;
-    case 8: f(uint2{}); break;
-    case 4: f(0u); break;
-    case 2: f(static_cast<unsigned short>(0)); break;
-    default: break;
   }
 }
 
@@ -206,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at
   at::Tensor cu_out = at::empty({a.B + 1}, cu_seqlens.options());
   TORCH_CHECK(a.T <= kMaxTokens, "fopru: T = ", a.T, " tokens exceeds the CUDA kernels' limit of ", kMaxTokens);
   const bool by_row = a.strategy == Strategy::kRow;  // checked: row comes with grids, cols >= 1
-  const Ctx ctx = make_ctx(tokens);
+  const Ctx ctx = make_ctx(tokens, kSelectSmemReserve);
 
   VarlenSpec s{};
   s.cu = cu_seqlens.const_data_ptr();
@@ -239,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at
   const int64_t budget = std::max<int64_t>(0, (ctx.smem_limit - slot_bytes) / 8);
   s.key_cap = force_global_keys() ? 0 : std::min(want, budget);
   const int64_t smem_bytes = 8 * s.key_cap + slot_bytes;
-  allow_dynamic_smem(_varlen_select_gather_kernel, smem_bytes, ctx.smem_limit);
+  allow_dynamic_smem<_varlen_select_gather_kernel>(smem_bytes, ctx);
 
   VarlenImages im{};
   for (int64_t first = 0; first < a.B; first += kMaxImages) {

@@ -1,63 +1,39 @@
 // Device building blocks of the exact selection and the row gather, shared by the CUDA kernels of
 // prune_tokens.cu (significance / select / prune_tokens) and prune_tokens_varlen.cu, plus the host
-// helpers their launchers share. Everything sits in an anonymous namespace: each .cu file compiles
-// its own copy (no relocatable device code needed), and no symbol leaves the library.
+// helpers their launchers share. Like common.cuh, everything sits in an anonymous namespace.
 //
 // Selection is threshold-then-compact: an 8-bit radix select finds the K-th largest order key,
 // then one block scan per chunk of items ranks the strictly greater and the equal keys in index
 // order, so the indices come out ascending with lowest-index ties and need no sort. The item
 // source is a template parameter (keys in shared memory, keys in global memory, keys computed on
-// the fly): anything with `uint64_t key(int64_t i) const`.
+// the fly): anything with `uint64_t key(int64_t i) const`. A segmented (cu_seqlens) kernel calls
+// the same blocks on its segment's items, as prune_tokens_varlen.cu does.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
-#include <array>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
+#include "common.cuh"
 #include "fopru.h"
 
 namespace fopru {
+
+// Test hook (cuda/test_hooks.cu, torch.ops.fopru_testing.cuda_force_global_keys): true sends every
+// selection down the global-memory key path. A relaxed atomic load, no getenv per launch.
+bool force_global_keys();
+
 namespace {
 
-using ull = unsigned long long;
-
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kSelectThreads = 512;  // selection + gather CTAs
 constexpr int64_t kMaxSlots = 8192;     // selected items one selection CTA records (32 KiB)
 constexpr int64_t kMinGatherRows = 16;  // one kept row per warp at least
 constexpr int64_t kMinGatherBytes = 32 * 1024;
-constexpr int64_t kSmemReserve = 5120;  // static shared memory (SelectShared: 3.8 KiB on sm_90) and margin
+// Static shared memory of a selection CTA (SelectShared: 3.8 KiB on sm_90) and margin: make_ctx's
+// smem_reserve for the selection kernels.
+constexpr int64_t kSelectSmemReserve = 5120;
 // Indices and counts inside a CTA are 32-bit; N stays well below 2^31 in any real model.
 constexpr int64_t kMaxTokens = (int64_t{1} << 31) - (int64_t{1} << 16);
-
-__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & (kWarp - 1); }
-__device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x) / kWarp; }
-__device__ __forceinline__ int num_warps() { return static_cast<int>(blockDim.x) / kWarp; }
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <typename V>
-__device__ __forceinline__ V warp_sum(V v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-template <typename V>
-__device__ __forceinline__ V warp_inclusive_scan(V v) {
-  const int lane = lane_id();
-#pragma unroll
-  for (int o = 1; o < kWarp; o <<= 1) {
-    const V t = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += t;
-  }
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Block-level building blocks of the selection (blockDim.x a multiple of 32, all threads call)
@@ -97,6 +73,34 @@ __device__ ull block_exclusive_scan(ull v, ull& total, SelectShared& sh) {
   // The next call writes warp_total before and warp_prefix after its first barrier: no hazard.
   total = sh.warp_prefix[nw - 1];
   return incl - v + (warp > 0 ? sh.warp_prefix[warp - 1] : 0ull);
+}
+
+// x from lane (this lane ^ o): FocalSums in 64-bit pieces, as shuffles move at most 64 bits.
+__device__ __forceinline__ FocalSums shfl_xor_focal(const FocalSums& s, int o) {
+  auto shfl = [o](u128 v) {
+    const ull lo = __shfl_xor_sync(kFullMask, static_cast<ull>(v), o);
+    const ull hi = __shfl_xor_sync(kFullMask, static_cast<ull>(v >> 64), o);
+    return (static_cast<u128>(hi) << 64) | lo;
+  };
+  FocalSums t;
+  t.sq = shfl(s.sq);
+  t.sq_hi = __shfl_xor_sync(kFullMask, static_cast<ull>(s.sq_hi), o);
+  t.sum = static_cast<i128>(shfl(static_cast<u128>(s.sum)));
+  return t;
+}
+
+// The focal rule's exact sums over the block (kSelectThreads threads, all call): warps merge by
+// shuffles, then every thread merges the warps' partials (integers: any order gives the same).
+// With focal_use_col (fopru.h) this is SPEC.md's focal choice of one image or segment.
+__device__ FocalSums block_focal_sum(FocalSums s, SelectShared& sh) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) s.merge(shfl_xor_focal(s, o));
+  if (lane_id() == 0) sh.focal[warp_id()] = s;
+  __syncthreads();
+  FocalSums total{};
+  for (int w = 0; w < num_warps(); ++w) total.merge(sh.focal[w]);
+  __syncthreads();  // sh.focal is reused by the next call
+  return total;
 }
 
 // Min and max over the warp (butterfly: every lane ends with both). Whole warps only.
@@ -273,54 +277,21 @@ __device__ void gather_rows(const GatherSpec& g, int64_t b, int64_t k0, int64_t 
   }
 }
 
+// Calls f(U{}) with the copy unit type of g (no call when there is nothing to copy).
+template <typename F>
+__device__ __forceinline__ void with_unit(const GatherSpec& g, F&& f) {
+  switch (g.unit) {
+    case 16: f(uint4{}); break;
+    case 8: f(uint2{}); break;
+    case 4: f(0u); break;
+    case 2: f(static_cast<unsigned short>(0)); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct Ctx {
-  cudaStream_t stream;
-  int sms;
-  int64_t smem_limit;  // dynamic shared memory a selection CTA may use
-  at::TensorOptions long_opts;
-};
-
-Ctx make_ctx(const at::Tensor& like) {
-  constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> sms_cache{};
-  static std::array<std::atomic<int>, kMaxDevices> smem_cache{};
-  const int dev = like.get_device();
-  int sms = dev < kMaxDevices ? sms_cache[dev].load(std::memory_order_relaxed) : 0;
-  int smem = dev < kMaxDevices ? smem_cache[dev].load(std::memory_order_relaxed) : 0;
-  if (sms == 0 || smem == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (dev < kMaxDevices) {
-      sms_cache[dev].store(sms, std::memory_order_relaxed);
-      smem_cache[dev].store(smem, std::memory_order_relaxed);
-    }
-  }
-  return Ctx{c10::cuda::getCurrentCUDAStream(dev).stream(), sms, static_cast<int64_t>(smem) - kSmemReserve,
-             like.options().dtype(at::kLong)};
-}
-
-// Test hook: FOPRU_CUDA_FORCE_GLOBAL_KEYS=1 sends every selection down the global-memory path.
-bool force_global_keys() {
-  const char* v = std::getenv("FOPRU_CUDA_FORCE_GLOBAL_KEYS");
-  return v != nullptr && v[0] == '1';
-}
-
-// Above 48 KiB of static + dynamic shared memory a kernel must opt in. The opt-in is always the
-// device's whole limit (bytes <= limit), never this launch's size: the attribute is per kernel and
-// device, not per stream, so a smaller value set by another host thread between its
-// cudaFuncSetAttribute and its launch would make a concurrent larger launch fail.
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int64_t bytes, int64_t limit) {
-  if (bytes + kSmemReserve > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)));
-  }
-}
 
 // Copy plan of the gather: 16/8/4/2-byte units where every row start is aligned, element by
 // element for a strided innermost dimension.

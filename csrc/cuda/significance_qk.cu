@@ -14,7 +14,10 @@
 //                     block of the map on tensor cores, FlashAttention-backward style: CTA per
 //                     (image, head, group of key blocks), looping over query blocks; exact column
 //                     sums per CTA, int64 atomics across heads) + for focal _qk_row_finish_kernel.
-// Then the focal choice, selection and gather of cuda/prune_tokens.cu (stages.h).
+// Then the focal choice, selection and gather of cuda/prune_tokens.cu (stages.h). The device code
+// the kernels are built from is in qk_tiles.cuh (tiles, lse, probability sums) and qk_rows.cuh
+// (row dots and patch sums); this file (just over 500 lines) keeps the five kernels with the
+// launchers that size their grids, shared memory and workspaces, which are read together.
 //
 // Determinism: every float sum runs in an order fixed by (N, d, dtype, vector path); none depends
 // on B, on scheduling or on float atomics, so an image's significance does not depend on its batch.
@@ -31,251 +34,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <optional>
 #include <string_view>
 #include <tuple>
-#include <type_traits>
 
+#include "common.cuh"
 #include "fopru.h"
 #include "ops.h"
+#include "qk_rows.cuh"
+#include "qk_tiles.cuh"
 #include "stages.h"
 
 namespace fopru {
 namespace {
 
-using ull = unsigned long long;
-
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr double kLog2e = 1.4426950408889634;
-
-// _qk_dot_kernel: a group of L lanes (power of two) shares one row of d elements.
-constexpr int kDotThreads = 256;
-constexpr int kDotRows = 2;            // rows per lane group
-constexpr int kDotHeads = 4;           // heads per step: kDotRows * kDotHeads loads in flight per lane
-constexpr int64_t kDotSmem = 32 * 1024;  // per-head vectors staged in shared memory per pass
-constexpr int64_t kMaxHeadDim = 8192;    // one head's vector must fit kDotSmem
-// _qk_patch_sum_kernel
-constexpr int kSumThreads = 256;
-// Tensor-core tiles: 64 queries x 64 keys, 4 warps.
-constexpr int kTile = 64;
-constexpr int kMapThreads = 128;
 constexpr int kMapGroups = 4;  // CTAs per (image, head) that split the key blocks (at most)
 constexpr int kFinishThreads = 256;
-constexpr int64_t kSmemReserve = 4096;  // static shared memory and margin under the opt-in limit
-
-// ---------------------------------------------------------------------------------------------
-// Element access
-// ---------------------------------------------------------------------------------------------
-
-// Element (b, h, s, e) of q or k at p + b * sb + h * sh + s * ss + e * sd (elements).
-struct MatView {
-  const void* p;
-  int64_t sb, sh, ss, sd;
-};
-
-// lse2 (base-2 logsumexp) of query i of (b, h): p[b * sb + h * sh + (s0 + i) * ss] * mult, where
-// mult = log2(e) for a given natural-log lse and 1 for the workspace of _qk_lse_kernel.
-struct LseView {
-  const float* p;
-  int64_t sb, sh, ss, s0;
-  float mult;
-  __device__ __forceinline__ float at(int64_t b, int64_t h, int64_t i) const {
-    return p[b * sb + h * sh + (s0 + i) * ss] * mult;
-  }
-};
-
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(float x) { return x; }
-
-template <typename T>
-__device__ __forceinline__ T zero_elem() {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __ushort_as_half(0);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __ushort_as_bfloat16(0);
-  } else {
-    return 0.0f;
-  }
-}
-
-// The two 16-bit elements of a 32-bit word, low half first (memory order), widened exactly.
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t w) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu))),
-                       __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
-  } else {
-    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
-  }
-}
-
-// acc + chunk . u over the 16 / sizeof(T) elements of a 16-byte chunk, in element order.
-template <typename T>
-__device__ __forceinline__ float fma_chunk16(const uint4& raw, const float* u, float acc) {
-  const float4 u0 = reinterpret_cast<const float4*>(u)[0];
-  if constexpr (std::is_same_v<T, float>) {
-    acc = fmaf(__uint_as_float(raw.x), u0.x, acc);
-    acc = fmaf(__uint_as_float(raw.y), u0.y, acc);
-    acc = fmaf(__uint_as_float(raw.z), u0.z, acc);
-    acc = fmaf(__uint_as_float(raw.w), u0.w, acc);
-  } else {
-    const float4 u1 = reinterpret_cast<const float4*>(u)[1];
-    const float2 e0 = unpack2<T>(raw.x), e1 = unpack2<T>(raw.y), e2 = unpack2<T>(raw.z), e3 = unpack2<T>(raw.w);
-    acc = fmaf(e0.x, u0.x, acc);
-    acc = fmaf(e0.y, u0.y, acc);
-    acc = fmaf(e1.x, u0.z, acc);
-    acc = fmaf(e1.y, u0.w, acc);
-    acc = fmaf(e2.x, u1.x, acc);
-    acc = fmaf(e2.y, u1.y, acc);
-    acc = fmaf(e3.x, u1.z, acc);
-    acc = fmaf(e3.y, u1.w, acc);
-  }
-  return acc;
-}
-
-// 2^x on the special-function unit (relative error ~2^-22; results below 2^-126 flush to zero,
-// far below fx's resolution of 2^-28).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// Lanes per row in _qk_dot_kernel: the power of two covering the row's chunks, at most a warp.
-__host__ __device__ inline int dot_lanes(int64_t chunks) {
-  int l = 1;
-  while (l < chunks && l < kWarp) l <<= 1;
-  return l;
-}
-
-// ---------------------------------------------------------------------------------------------
-// _qk_dot_kernel: out[b, j] = sum_h fx(f(u[b, h] . x[b, h, row0 + j])) for j < n, where
-// f(s) = c * s (logit) or 2^(c * s - lse2[b, h]) (prob; c includes log2(e))
-// ---------------------------------------------------------------------------------------------
-
-struct DotJob {
-  MatView x;     // rows x[b, h, row0 + j]
-  int64_t row0;
-  bool vec;      // x rows as 16-byte chunks
-  MatView u;     // u[b, h, e] (ss unused): query 0 of q (input dtype) or a float32 workspace
-  bool u_f32;
-  int64_t* out;  // out[b * out_sb + j]
-  int64_t out_sb;
-};
-
-struct DotSpec {
-  int64_t H, n, d;
-  int64_t hc;   // heads staged in shared memory per pass
-  int64_t cpi;  // CTAs per image
-  float c;
-  bool prob;
-  LseView lse;  // prob: lse.at(b, h, 0)
-};
-
-template <typename T, bool VEC>
-__device__ void dot_rows(const DotJob& job, const DotSpec& sp, int64_t b, int64_t chunk, float* s_u) {
-  constexpr int V = VEC ? static_cast<int>(16 / sizeof(T)) : 1;
-  using Chunk = std::conditional_t<VEC, uint4, T>;
-  const int64_t d = sp.d;
-  const int C = static_cast<int>(d / V);  // chunks per row (VEC implies d % V == 0)
-  const int L = dot_lanes(C);
-  const int groups = static_cast<int>(blockDim.x) / L;
-  const int grp = static_cast<int>(threadIdx.x) / L, lr = static_cast<int>(threadIdx.x) % L;
-  const int64_t j0 = chunk * kDotRows * groups;
-  if (j0 >= sp.n) return;  // whole CTA: the other job needs more CTAs per image
-  const int per_lane = (C + L - 1) / L;
-  float* s_lse = s_u + sp.hc * d;
-  const T* xb = static_cast<const T*>(job.x.p) + b * job.x.sb + job.row0 * job.x.ss;
-
-  int64_t jr[kDotRows];
-  bool ok[kDotRows];
-  int64_t acc[kDotRows];
-#pragma unroll
-  for (int r = 0; r < kDotRows; ++r) {
-    jr[r] = j0 + static_cast<int64_t>(r) * groups + grp;
-    ok[r] = jr[r] < sp.n;
-    acc[r] = 0;
-  }
-  for (int64_t h0 = 0; h0 < sp.H; h0 += sp.hc) {
-    const int nh = static_cast<int>(min64(sp.hc, sp.H - h0));
-    __syncthreads();  // the previous pass is done with s_u
-    for (int64_t idx = threadIdx.x; idx < nh * d; idx += blockDim.x) {
-      const int64_t hh = idx / d, e = idx - hh * d;
-      const int64_t off = b * job.u.sb + (h0 + hh) * job.u.sh + e * job.u.sd;
-      s_u[idx] = job.u_f32 ? static_cast<const float*>(job.u.p)[off] : to_f(static_cast<const T*>(job.u.p)[off]);
-    }
-    if (sp.prob) {
-      for (int hh = threadIdx.x; hh < nh; hh += blockDim.x) s_lse[hh] = sp.lse.at(b, h0 + hh, 0);
-    }
-    __syncthreads();
-    for (int hh = 0; hh < nh; hh += kDotHeads) {
-      float part[kDotRows][kDotHeads];
-#pragma unroll
-      for (int r = 0; r < kDotRows; ++r) {
-#pragma unroll
-        for (int k = 0; k < kDotHeads; ++k) part[r][k] = 0.0f;
-      }
-      for (int it = 0; it < per_lane; ++it) {
-        const int c = lr + it * L;
-        // All loads first, so kDotRows * kDotHeads of them are in flight.
-        Chunk raw[kDotRows][kDotHeads];
-#pragma unroll
-        for (int r = 0; r < kDotRows; ++r) {
-#pragma unroll
-          for (int k = 0; k < kDotHeads; ++k) {
-            if (ok[r] && c < C && hh + k < nh) {
-              const T* row = xb + (h0 + hh + k) * job.x.sh + jr[r] * job.x.ss;
-              if constexpr (VEC) {
-                raw[r][k] = *reinterpret_cast<const uint4*>(row + c * V);
-              } else {
-                raw[r][k] = row[c * job.x.sd];
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kDotRows; ++r) {
-#pragma unroll
-          for (int k = 0; k < kDotHeads; ++k) {
-            if (ok[r] && c < C && hh + k < nh) {
-              const float* u = s_u + (hh + k) * d + c * V;
-              if constexpr (VEC) {
-                part[r][k] = fma_chunk16<T>(raw[r][k], u, part[r][k]);
-              } else {
-                part[r][k] = fmaf(to_f(raw[r][k]), *u, part[r][k]);
-              }
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kDotRows; ++r) {
-#pragma unroll
-        for (int k = 0; k < kDotHeads; ++k) {
-          float s = part[r][k];
-          // Butterfly within the group: every lane adds the same pair, so all lanes agree.
-          for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(kFullMask, s, o);
-          if (hh + k < nh) {
-            const float v = sp.prob ? ex2(fmaf(s, sp.c, -s_lse[hh + k])) : s * sp.c;
-            acc[r] += fx(v);
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kDotRows; ++r) {
-    if (lr == 0 && ok[r]) job.out[b * job.out_sb + jr[r]] = acc[r];
-  }
-}
 
 // Grid (B * cpi, jobs). Dynamic shared memory: hc * d floats of u, then hc floats of lse2.
 template <typename T>
@@ -288,77 +64,6 @@ __global__ void __launch_bounds__(kDotThreads) _qk_dot_kernel(DotJob job0, DotJo
     dot_rows<T, true>(job, sp, b, chunk, s_u);
   } else {
     dot_rows<T, false>(job, sp, b, chunk, s_u);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// _qk_patch_sum_kernel: out[y, b, h, e] = sum_{i<N} x_y[b, h, P + i, e] in float32, fixed order
-// ---------------------------------------------------------------------------------------------
-
-struct SumJob {
-  MatView x;
-  bool vec;
-};
-
-// Threads split a row into C chunks and the rows into rg row groups; each thread sums its rows in
-// order, then the row groups are added in order.
-template <typename T, bool VEC>
-__device__ void sum_rows(const SumJob& job, int64_t b, int64_t h, int64_t N, int64_t P, int64_t d, float* out,
-                         float* part) {
-  constexpr int V = VEC ? static_cast<int>(16 / sizeof(T)) : 1;
-  const int64_t C = d / V;
-  const int64_t rg = static_cast<int64_t>(blockDim.x) / C > 1 ? static_cast<int64_t>(blockDim.x) / C : 1;
-  const T* xb = static_cast<const T*>(job.x.p) + b * job.x.sb + h * job.x.sh + P * job.x.ss;
-  auto row_sum = [&](int64_t c, int64_t i0, int64_t step, float (&s)[V]) {
-#pragma unroll
-    for (int v = 0; v < V; ++v) s[v] = 0.0f;
-#pragma unroll 4
-    for (int64_t i = i0; i < N; i += step) {
-      const T* row = xb + i * job.x.ss;
-      if constexpr (VEC) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + c * V);
-        if constexpr (std::is_same_v<T, float>) {
-          s[0] += __uint_as_float(raw.x);
-          s[1] += __uint_as_float(raw.y);
-          s[2] += __uint_as_float(raw.z);
-          s[3] += __uint_as_float(raw.w);
-        } else {
-          const float2 f0 = unpack2<T>(raw.x), f1 = unpack2<T>(raw.y), f2 = unpack2<T>(raw.z), f3 = unpack2<T>(raw.w);
-          s[0] += f0.x;
-          s[1] += f0.y;
-          s[2] += f1.x;
-          s[3] += f1.y;
-          s[4] += f2.x;
-          s[5] += f2.y;
-          s[6] += f3.x;
-          s[7] += f3.y;
-        }
-      } else {
-        s[0] += to_f(row[c * job.x.sd]);
-      }
-    }
-  };
-  if (rg == 1) {  // wide rows: one thread per chunk sums every row
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      float s[V];
-      row_sum(c, 0, 1, s);
-#pragma unroll
-      for (int v = 0; v < V; ++v) out[c * V + v] = s[v];
-    }
-    return;
-  }
-  const int64_t g = threadIdx.x / C, c = threadIdx.x - g * C;
-  if (g < rg) {
-    float s[V];
-    row_sum(c, g, rg, s);
-#pragma unroll
-    for (int v = 0; v < V; ++v) part[g * d + c * V + v] = s[v];
-  }
-  __syncthreads();
-  for (int64_t e = threadIdx.x; e < d; e += blockDim.x) {
-    float t = 0.0f;
-    for (int64_t r = 0; r < rg; ++r) t += part[r * d + e];
-    out[e] = t;
   }
 }
 
@@ -376,148 +81,6 @@ __global__ void __launch_bounds__(kSumThreads)
     sum_rows<T, true>(job, b, h, N, P, d, o, part);
   } else {
     sum_rows<T, false>(job, b, h, N, P, d, o, part);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tensor-core tiles. Raw mma.sync (PTX m16n8k16) rather than nvcuda::wmma: its fragment layout is
-// documented, so the per-row lse and the column / row sums work on the accumulator registers;
-// WMMA's accumulator layout is unspecified and would force every logit tile through shared memory.
-// Shared-memory tiles are 64 rows x ld elements, rows zero-padded from d to dpad (a multiple of 16);
-// ld = dpad + 8 (16-bit) or dpad + 4 (float32) keeps the fragment loads free of bank conflicts and
-// row starts 16-byte aligned for cp.async.
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int Pending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
-}
-
-// Rows [0, 64) of a tile: row r < valid from src + r * ss (elements e < d at stride sd), zero rows
-// after. vec: 16-byte cp.async chunks (complete after cp_async_wait), else synchronous loads.
-template <typename T>
-__device__ void load_tile(T* dst, int ld, const T* src, int64_t ss, int64_t sd, int64_t valid, int d, bool vec) {
-  if (vec) {
-    constexpr int V = static_cast<int>(16 / sizeof(T));
-    const int cpr = d / V;
-    for (int idx = threadIdx.x; idx < kTile * cpr; idx += blockDim.x) {
-      const int r = idx / cpr, c = idx - r * cpr;
-      T* s = dst + r * ld + c * V;
-      if (r < valid) {
-        cp_async16(s, src + r * ss + c * V);
-      } else {
-        *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < kTile * d; idx += blockDim.x) {
-      const int r = idx / d, e = idx - r * d;
-      dst[r * ld + e] = r < valid ? src[r * ss + e * sd] : zero_elem<T>();
-    }
-  }
-}
-
-// Columns [d, dpad) of `rows` tile rows; the loaders never write them, so once per kernel.
-template <typename T>
-__device__ void zero_pad(T* base, int rows, int ld, int d, int dpad) {
-  const int w = dpad - d;
-  for (int idx = threadIdx.x; idx < rows * w; idx += blockDim.x) {
-    const int r = idx / w;
-    base[r * ld + d + (idx - r * w)] = zero_elem<T>();
-  }
-}
-
-__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-// Logits (unscaled dots) of a warp's (16 MT) x (8 NT) sub-tile: query rows r0 + ..., key rows
-// c0 + ... With g = lane / 4, t = lane % 4, acc[mt][nt] holds (the mma accumulator layout)
-//   [0] (r0 + 16 mt + g, c0 + 8 nt + 2 t)   [1] (same row, column + 1)
-//   [2] (row + 8, c0 + 8 nt + 2 t)          [3] (row + 8, column + 1)
-// float32 inputs take CUDA-core FMAs over e in order, with the same element ownership.
-template <typename T, int MT, int NT>
-__device__ __forceinline__ void warp_logits(const T* qs, const T* ks, int ld, int d, int dpad, int r0, int c0,
-                                            float (&acc)[MT][NT][4]) {
-  const int lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
-    }
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    (void)dpad;
-    for (int e = 0; e < d; ++e) {
-      float qa[MT][2], kb[NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        qa[mt][0] = qs[(r0 + 16 * mt + g) * ld + e];
-        qa[mt][1] = qs[(r0 + 16 * mt + g + 8) * ld + e];
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        kb[nt][0] = ks[(c0 + 8 * nt + 2 * t) * ld + e];
-        kb[nt][1] = ks[(c0 + 8 * nt + 2 * t + 1) * ld + e];
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          acc[mt][nt][0] = fmaf(qa[mt][0], kb[nt][0], acc[mt][nt][0]);
-          acc[mt][nt][1] = fmaf(qa[mt][0], kb[nt][1], acc[mt][nt][1]);
-          acc[mt][nt][2] = fmaf(qa[mt][1], kb[nt][0], acc[mt][nt][2]);
-          acc[mt][nt][3] = fmaf(qa[mt][1], kb[nt][1], acc[mt][nt][3]);
-        }
-      }
-    }
-  } else {
-    (void)d;
-    for (int k0 = 0; k0 < dpad; k0 += 16) {
-      uint32_t a[MT][4], bf[NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const T* p = qs + (r0 + 16 * mt + g) * ld + k0 + 2 * t;
-        a[mt][0] = lds32(p);
-        a[mt][1] = lds32(p + 8 * ld);
-        a[mt][2] = lds32(p + 8);
-        a[mt][3] = lds32(p + 8 * ld + 8);
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const T* p = ks + (c0 + 8 * nt + g) * ld + k0 + 2 * t;
-        bf[nt][0] = lds32(p);
-        bf[nt][1] = lds32(p + 8);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[mt][nt], a[mt], bf[nt]);
-      }
-    }
   }
 }
 
@@ -569,41 +132,12 @@ __global__ void __launch_bounds__(kMapThreads) _qk_lse_kernel(const LseSpec sp) 
     __syncthreads();
     float acc[1][8][4];
     warp_logits<T, 1, 8>(qs, cur, sp.ld, sp.d, sp.dpad, 16 * warp, 0, acc);
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      float x[16];
-      float tmax = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const bool valid = j0 + 8 * nt + 2 * t + c < sp.S;
-          const float v = valid ? acc[0][nt][2 * hr + c] * sp.c2 : -INFINITY;
-          x[2 * nt + c] = v;
-          tmax = fmaxf(tmax, v);
-        }
-      }
-      const float mnew = fmaxf(m[hr], tmax);
-      const float base = mnew == -INFINITY ? 0.0f : mnew;  // no (-inf) - (-inf)
-      float sum = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 16; ++e) sum += ex2(x[e] - base);
-      s[hr] = s[hr] * ex2(m[hr] - base) + sum;
-      m[hr] = mnew;
-    }
+    lse_tile_update(acc, j0, sp.S, t, sp.c2, m, s);
     __syncthreads();  // cur is overwritten by the next prefetch
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    // Each pair of lanes adds the same two terms, so the four lanes of a row end equal.
-    for (int o = 1; o <= 2; o <<= 1) {
-      const float mo = __shfl_xor_sync(kFullMask, m[hr], o);
-      const float so = __shfl_xor_sync(kFullMask, s[hr], o);
-      const float mn = fmaxf(m[hr], mo);
-      const float base = mn == -INFINITY ? 0.0f : mn;
-      s[hr] = s[hr] * ex2(m[hr] - base) + so * ex2(mo - base);
-      m[hr] = mn;
-    }
+    lse_merge_row(m[hr], s[hr]);
     const int64_t i = i0 + 16 * warp + g + 8 * hr;
     if (t == 0 && i < sp.nr) sp.out[bh * sp.nr + i] = m[hr] + log2f(s[hr]);
   }
@@ -694,20 +228,7 @@ __global__ void __launch_bounds__(kMapThreads) _qk_prob_map_kernel(const MapSpec
       float acc[2][4][4];
       warp_logits<T, 2, 4>(cur, ks, sp.ld, sp.d, sp.dpad, 32 * wr, 32 * wc, acc);
       float rowacc[2][2] = {};
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int hr = e >> 1, c = e & 1;
-            float p = ex2(fmaf(acc[mt][nt][e], sp.c2, -lse2[mt][hr]));
-            p = rv[mt][hr] && cv[nt][c] ? p : 0.0f;  // padding rows / columns (select: drops NaN too)
-            colacc[nt][c] += p;
-            rowacc[mt][hr] += p;
-          }
-        }
-      }
+      prob_tile_sums(acc, sp.c2, lse2, rv, cv, colacc, rowacc);
       if (rows_out != nullptr) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
@@ -765,71 +286,6 @@ __global__ void __launch_bounds__(kFinishThreads)
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct Ctx {
-  cudaStream_t stream;
-  int64_t smem_limit;  // dynamic shared memory a CTA may opt in to
-  at::TensorOptions f32;
-};
-
-Ctx make_ctx(const at::Tensor& like) {
-  constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> smem_cache{};
-  const int dev = like.get_device();
-  int smem = dev < kMaxDevices ? smem_cache[dev].load(std::memory_order_relaxed) : 0;
-  if (smem == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (dev < kMaxDevices) smem_cache[dev].store(smem, std::memory_order_relaxed);
-  }
-  return Ctx{c10::cuda::getCurrentCUDAStream(dev).stream(), static_cast<int64_t>(smem) - kSmemReserve,
-             like.options().dtype(at::kFloat)};
-}
-
-// Above 48 KiB a kernel must opt in; always to the device's whole limit (see prune_tokens.cu: the
-// attribute is per kernel and device, so a smaller value could race a concurrent larger launch).
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int64_t bytes, const Ctx& ctx, int64_t d) {
-  TORCH_CHECK(bytes <= ctx.smem_limit, "fopru: significance_qk with kind='prob' and head dim d = ", d, " needs ",
-              bytes, " bytes of shared memory per CTA, more than this GPU's ", ctx.smem_limit);
-  if (bytes + kSmemReserve > 48 * 1024) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ctx.smem_limit)));
-  }
-}
-
-template <typename F>
-void dispatch_qk(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    case at::kFloat: f(float{}); break;
-    default: TORCH_CHECK(false, "fopru: unexpected q/k dtype ", t);
-  }
-}
-
-// Rows readable as 16-byte chunks: unit-stride rows of a multiple of 16 bytes, every row start aligned.
-bool rows_vectorizable(const MatView& m, int64_t es, const QkArgs& a) {
-  const int64_t v = 16 / es;
-  auto ok = [v](int64_t stride, int64_t size) { return size <= 1 || stride % v == 0; };
-  return a.d % v == 0 && (a.d <= 1 || m.sd == 1) && reinterpret_cast<uintptr_t>(m.p) % 16 == 0 && ok(m.sb, a.B) &&
-         ok(m.sh, a.H) && ok(m.ss, a.S);
-}
-
-struct TileGeom {
-  int d, dpad, ld;
-  int64_t bytes;  // three 64-row tiles
-};
-
-TileGeom tile_geom(int64_t d, int64_t es) {
-  TileGeom t{};
-  t.d = static_cast<int>(d);
-  t.dpad = static_cast<int>(ceil_div(d, 16) * 16);
-  t.ld = t.dpad + (es == 2 ? 8 : 4);
-  t.bytes = 3 * kTile * static_cast<int64_t>(t.ld) * es;
-  return t;
-}
-
 LseView given_lse(const at::Tensor& lse, int64_t s0) {
   return LseView{lse.const_data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2), s0,
                  static_cast<float>(kLog2e)};
@@ -839,7 +295,7 @@ LseView given_lse(const at::Tensor& lse, int64_t s0) {
 template <typename T>
 LseView launch_lse(const MatView& q, bool q_vec, const MatView& k, bool k_vec, const QkArgs& a, int64_t r0, int64_t nr,
                    at::Tensor& ws, const Ctx& ctx) {
-  ws = at::empty({a.B, a.H, nr}, ctx.f32);
+  ws = at::empty({a.B, a.H, nr}, ctx.opts.dtype(at::kFloat));
   float* out = ws.mutable_data_ptr<float>();
   const TileGeom tg = tile_geom(a.d, sizeof(T));
   LseSpec sp{q, k, q_vec, k_vec, a.H, a.S, r0, nr, tg.d, tg.dpad, tg.ld, static_cast<int>(ceil_div(nr, kTile)),
@@ -848,7 +304,7 @@ LseView launch_lse(const MatView& q, bool q_vec, const MatView& k, bool k_vec, c
   if (blocks > 0) {
     TORCH_CHECK(blocks <= INT_MAX, "fopru: q/k too large for one launch (", blocks, " CTAs)");
     const auto kernel = _qk_lse_kernel<T>;
-    allow_dynamic_smem(kernel, tg.bytes, ctx, a.d);
+    allow_tile_smem<_qk_lse_kernel<T>>("significance_qk", tg, ctx);
     kernel<<<static_cast<unsigned>(blocks), kMapThreads, tg.bytes, ctx.stream>>>(sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -881,10 +337,9 @@ template <typename T>
 void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse, const QkArgs& a,
              int64_t* col, int64_t* row, int64_t sb, const Ctx& ctx) {
   constexpr int64_t es = sizeof(T);
-  TORCH_CHECK(a.d <= kMaxHeadDim, "fopru: significance_qk supports head dim d <= ", kMaxHeadDim, " on CUDA, got ", a.d);
   const MatView qv{q.data_ptr(), a.q_sb, a.q_sh, a.q_ss, a.q_sd};
   const MatView kv{k.data_ptr(), a.k_sb, a.k_sh, a.k_ss, a.k_sd};
-  const bool q_vec = rows_vectorizable(qv, es, a), k_vec = rows_vectorizable(kv, es, a);
+  const bool q_vec = rows_vectorizable(qv, es, a.d, a.B, a.H, a.S), k_vec = rows_vectorizable(kv, es, a.d, a.B, a.H, a.S);
   const bool focal = row != nullptr;
   at::Tensor lse_ws;  // freed after the launches: the caching allocator orders its reuse on this stream
 
@@ -903,7 +358,7 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
       return;
     }
     // logit means: u = qsum (columns), ksum (rows); colmean = scale / N * qsum . k_j.
-    const at::Tensor sums = at::empty({focal ? 2 : 1, a.B, a.H, a.d}, ctx.f32);
+    const at::Tensor sums = at::empty({focal ? 2 : 1, a.B, a.H, a.d}, ctx.opts.dtype(at::kFloat));
     float* s = sums.mutable_data_ptr<float>();
     if (a.B * a.H > 0 && a.d > 0) {
       TORCH_CHECK(a.B * a.H <= INT_MAX, "fopru: q/k too large for one launch (", a.B * a.H, " CTAs)");
@@ -947,14 +402,14 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
   sp.col_sb = sb;
   at::Tensor part;
   if (focal) {
-    part = at::empty({2 * sp.groups, a.B, a.H, a.N}, ctx.f32);
+    part = at::empty({2 * sp.groups, a.B, a.H, a.N}, ctx.opts.dtype(at::kFloat));
     sp.row_part = part.mutable_data_ptr<float>();
   }
   const int64_t blocks = a.B * a.H * sp.groups;
   if (blocks > 0) {
     TORCH_CHECK(blocks <= INT_MAX, "fopru: q/k too large for one launch (", blocks, " CTAs)");
     const auto kernel = _qk_prob_map_kernel<T>;
-    allow_dynamic_smem(kernel, tg.bytes, ctx, a.d);
+    allow_tile_smem<_qk_prob_map_kernel<T>>("significance_qk", tg, ctx);
     kernel<<<static_cast<unsigned>(blocks), kMapThreads, tg.bytes, ctx.stream>>>(sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -967,10 +422,16 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
   }
 }
 
+// SPEC.md "Backend limits": one head's vector must fit the dot kernel's shared memory. Checked
+// before anything else of a call, so a too large d fails whatever B, N and keep are.
+void check_head_dim(int64_t d) {
+  TORCH_CHECK(d <= kMaxHeadDim, "fopru: significance_qk supports head dim d <= ", kMaxHeadDim, " on CUDA, got ", d);
+}
+
 // Column sums into sums[:, :N] and, for focal, row sums into sums[:, N:] of sums (B, N or 2N).
 void compute_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse, const QkArgs& a,
                   at::Tensor& sums) {
-  const Ctx ctx = make_ctx(q);
+  const Ctx ctx = make_ctx(q, kQkSmemReserve);
   int64_t* base = sums.mutable_data_ptr<int64_t>();
   int64_t* row = a.score == Score::kFocal ? base + a.N : nullptr;
   dispatch_qk(q.scalar_type(), [&](auto tag) {
@@ -987,6 +448,7 @@ at::Tensor significance_qk_cuda(const at::Tensor& q, const at::Tensor& k, c10::s
   const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
                                          std::string_view(kind.data(), kind.size()),
                                          std::string_view(layout.data(), layout.size()));
+  check_head_dim(a.d);
   const c10::cuda::CUDAGuard guard(q.device());
   if (a.B == 0 || a.N == 0) return at::empty({a.B, a.N}, q.options().dtype(at::kLong));
   const bool focal = a.score == Score::kFocal;
@@ -1006,6 +468,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_qk_cuda(const at::Tensor& tokens
                                        std::string_view(score.data(), score.size()), num_prefix, grid, scale, lse,
                                        std::string_view(kind.data(), kind.size()),
                                        std::string_view(layout.data(), layout.size()));
+  check_head_dim(p.qk.d);
   const c10::cuda::CUDAGuard guard(tokens.device());
   const QkArgs& a = p.qk;
   if (a.B == 0 || keep == 0) {
@@ -1025,6 +488,7 @@ at::Tensor significance_qk_parts_cuda(const at::Tensor& q, const at::Tensor& k, 
   const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
                                          std::string_view(kind.data(), kind.size()),
                                          std::string_view(layout.data(), layout.size()));
+  check_head_dim(a.d);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor parts = at::empty({a.B, a.score == Score::kFocal ? 2 : 1, a.N}, q.options().dtype(at::kLong));
   if (a.B == 0 || a.N == 0) return parts;

@@ -1,5 +1,8 @@
-"""Triton backend. The launchers live in ``fopru_kernels.triton.prune_tokens`` (the module):
-``significance``, ``select`` and ``prune_tokens``, for CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1. Inputs must already be validated by ``fopru_kernels._checks``. Launchers ask
-``target`` whether to configure their kernels for a GPU or for the interpreter.
+"""Triton backend, for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. One module per op family
+holds its kernels and launchers: ``prune_tokens`` (``significance``, ``select``, ``prune_tokens``),
+``significance_qk`` (the q/k ops) and ``prune_tokens_varlen`` (ragged batches). They share, by public
+names only: ``select`` (exact selection and row gather, device code and launchers), ``exact``
+(SPEC.md's fixed point and focal choice), ``launch`` (block sizes, device context, host tables) and
+``target`` (whether launchers configure their kernels for a GPU or for the interpreter). Inputs must
+already be validated by ``fopru_kernels._checks``.
 """

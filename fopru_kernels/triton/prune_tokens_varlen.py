@@ -2,8 +2,8 @@
 
 SPEC.md "Ragged batches": image b owns tokens [cu_seqlens[b], cu_seqlens[b + 1]) of the packed
 (T, D) tokens and (T,) significance; its kept indices are exactly select() of that segment, offset
-to global token indices. The selection is prune_tokens.py's (threshold-then-compact over units:
-tokens for ``rank``, grid rows of W = cols tokens for ``row``), built from the same helpers.
+to global token indices. The selection is select.py's (threshold-then-compact over units: tokens
+for ``rank``, grid rows of W = cols tokens for ``row``), built from its chunked device code.
 
 One program per (image, chunk of ROWS_PER_PROGRAM output rows); each program recomputes its
 image's selection from sig (in L2 on a GPU), so no grid-wide synchronisation is needed, and the
@@ -13,8 +13,10 @@ rows_b * cols_b != n_b where grids are given) gets idx = -1 and zero rows, and n
 written out of bounds.
 
 Host -> device traffic: one small int64 table (keep, output offset, W, expected n_b per image),
-copied asynchronously from pinned memory. Nothing is read back. Under CUDA graph capture the copy
-becomes a graph node that reads a pinned block torch's host allocator keeps alive for the graph.
+copied asynchronously by launch.device_table; nothing is read back. Under CUDA graph capture the
+copy becomes a graph node that reads the table's host memory again at every replay, so
+device_table takes it from a pinned arena that lives as long as the process (launch.py says why
+torch's own pinned allocations are not enough on every torch version this package supports).
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prune_tokens as tk
-from .prune_tokens import _chunk_rel, _gather_rows, _slots, _threshold
+from . import select as sel
+from .launch import device_of, device_table, pow2
+from .select import chunk_rel, gather_rows, slots, threshold
 
 # int64 columns of the per-image table: keep, first output row, W, expected n_b (-1: any).
 META_COLS = tl.constexpr(4)
@@ -32,7 +35,7 @@ META_COLS = tl.constexpr(4)
 @triton.jit
 def _prune_varlen_kernel(
     tokens_ptr, sig_ptr, cu_ptr, meta_ptr, out_ptr, idx_ptr, cu_out_ptr,
-    T, D, s_tn, s_td, s_sn, chunks,
+    T, D, s_tn, s_td, s_sn, s_cu, chunks,
     UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
     BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr,
 ):
@@ -52,15 +55,15 @@ def _prune_varlen_kernel(
         if b == 0:
             tl.store(cu_out_ptr, tl.zeros([], cu_out_ptr.dtype.element_ty))
 
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    start = tl.load(cu_ptr + b * s_cu).to(tl.int64)  # cu_seqlens may be a strided view
+    end = tl.load(cu_ptr + (b + 1) * s_cu).to(tl.int64)
     n = end - start
     ok = (start >= 0) & (start <= end) & (end <= T) & (keep <= n) & ((want_n < 0) | (n == want_n))
     # Zero units skip every loop: invalid images and programs past their image's keep.
     units = tl.where(ok & (c * ROWS_PER_PROGRAM < keep), n // w, 0)
     count = keep // w
     sig = sig_ptr + start * s_sn
-    lo, off, above = _threshold(sig, s_sn, units, w, count, UNIT_BLOCK, X_BLOCK, RADIX_BITS)
+    lo, off, above = threshold(sig, s_sn, units, w, count, UNIT_BLOCK, X_BLOCK, RADIX_BITS)
 
     # Invert slot -> unit for this program's output rows: row k is token k % W of kept unit k // W.
     k = c * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM).to(tl.int64)
@@ -70,8 +73,8 @@ def _prune_varlen_kernel(
     ties_before = 0
     kept_before = 0
     for u0 in range(0, units, UNIT_BLOCK):
-        u, valid, rel = _chunk_rel(sig, s_sn, u0, units, w, lo, UNIT_BLOCK, X_BLOCK)
-        slot, ties, kept = _slots(rel, valid, off, count - above, ties_before, kept_before)
+        u, valid, rel = chunk_rel(sig, s_sn, u0, units, w, lo, UNIT_BLOCK, X_BLOCK)
+        slot, ties, kept = slots(rel, valid, off, count - above, ties_before, kept_before)
         unit += tl.sum(tl.where(slot[None, :] == want[:, None], u[None, :], 0), axis=1)
         ties_before += ties
         kept_before += kept
@@ -79,7 +82,7 @@ def _prune_varlen_kernel(
     tok = start + unit * w + k % w
     tl.store(idx_ptr + out0 + k, tl.where(ok, tok, -1), mask=kmask)
     if ok:
-        _gather_rows(tokens_ptr, out_ptr + out0 * D, k, tok, kmask, D, s_tn, s_td, BLOCK_D)  # tok is global
+        gather_rows(tokens_ptr, out_ptr + out0 * D, k, tok, kmask, D, s_tn, s_td, BLOCK_D)  # tok is global
     else:
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -120,20 +123,18 @@ def prune_tokens_varlen(
     cu_out = torch.empty(b + 1, dtype=cu_seqlens.dtype, device=device)
     if b == 0:
         return out, idx, cu_out.zero_()
-    meta = torch.tensor(_meta(keep, cols, grids), dtype=torch.int64, pin_memory=device.type == "cuda")
-    meta = meta.to(device, non_blocking=True)
-
     max_keep = max(keep)
-    per_prog = tk._rows_per_program(b, max_keep, device)
+    per_prog = sel.rows_per_program(b, max_keep, device)
     chunks = max(1, triton.cdiv(max_keep, per_prog))
     # Units per image are bounded by T; row grids bound them by rows (n_b itself lives on the device).
     units = max(grids[0::2]) if strategy == "row" and grids is not None else t
-    unit_block = min(tk._pow2(units), tk._SELECT_BLOCK)
-    with tk._device_of(tokens):
+    unit_block = min(pow2(units), sel.SELECT_BLOCK)
+    with device_of(tokens):
+        meta = device_table(_meta(keep, cols, grids), device)
         _prune_varlen_kernel[(b * chunks,)](
             tokens, sig, cu_seqlens, meta, out, idx, cu_out,
-            t, d, tokens.stride(0), tokens.stride(1), sig.stride(0), chunks,
-            UNIT_BLOCK=unit_block, X_BLOCK=min(tk._pow2(max(cols)), max(1, tk._SELECT_TILE // unit_block)),
-            ROWS_PER_PROGRAM=per_prog, BLOCK_D=tk._block_d(d, per_prog), RADIX_BITS=tk._RADIX_BITS,
+            t, d, tokens.stride(0), tokens.stride(1), sig.stride(0), cu_seqlens.stride(0), chunks,
+            UNIT_BLOCK=unit_block, X_BLOCK=min(pow2(max(cols)), max(1, sel.SELECT_TILE // unit_block)),
+            ROWS_PER_PROGRAM=per_prog, BLOCK_D=sel.block_d(d, per_prog), RADIX_BITS=sel.RADIX_BITS,
         )
     return out, idx, cu_out

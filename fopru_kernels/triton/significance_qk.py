@@ -5,7 +5,7 @@ read in place through their strides ((B, S, H, d) inputs are viewed as (B, H, S,
 Every value is formed in float32 (tensor-core dots accumulate in float32), becomes SPEC.md's int64
 fixed point once per head, and heads are summed in int64, so atomics over heads are exact and the
 result does not depend on the order in which programs land. Selection and gather are the exact
-kernels of ``prune_tokens.py``.
+kernels of ``select.py``.
 
 Launches per call (lse: natural-log logsumexp over all S keys; "given" means passed by the caller):
 - ``cls``: ``_cls_kernel`` (one program per image and key block, heads summed in registers); for
@@ -21,7 +21,7 @@ Launches per call (lse: natural-log logsumexp over all S keys; "given" means pas
   closed form is only as good as the caller's lse, while the direct sum is SPEC.md's formula for
   any lse. Each program stores its partial row sums (float32, its key block only) and
   ``_row_means_kernel`` adds them in key-block order, so the result is deterministic.
-- Then ``focal`` picks col or row with ``prune_tokens.py``'s exact integer rule, in
+- Then ``focal`` picks col or row with ``exact.py``'s exact integer rule, in
   ``focal_significance`` or inside the fused selection + gather kernel.
 
 Not measured on a GPU yet: the GPU block sizes below are first choices, not tuned values.
@@ -32,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prune_tokens as tk
+from . import select as sel
 from . import target
-from .prune_tokens import _device_of, _fx, _pow2
+from .exact import focal_significance, fx
+from .launch import device_of, pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -47,6 +48,12 @@ _GPU_BLOCK_N = 64
 _CPU_BLOCK = 128
 # Elements of a (tokens x d) tile in _cls_kernel / _logit_means_kernel.
 _VEC_TILE = 4096
+# SPEC.md "Backend limits": the largest head dim d these kernels take. Their tiles hold whole rows
+# of d (padded to a power of two), so d sets their shared memory and registers; 256 is the largest
+# d that scripts/triton_compile_check.py compiles and checks against an sm_80 / sm_90 block's
+# limits (the DOMAINS of scripts/triton_compile_grid.py derive from this value). ViT heads are 64
+# to 128.
+MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -106,7 +113,7 @@ def _cls_kernel(q_ptr, k_ptr, lse_ptr, sig_ptr, N, H, P, d, scale,
     """sig[b, j] = sum_h fx(v[b, h, 0, P + j]), v = scale * q_0 . k_j (or exp(v - lse[b, h, 0])
     for PROB); q_ptr / lse_ptr address row 0. Grid (B * jblocks,).
 
-    Software-pipelined by hand, as _fx_head_sum in prune_tokens.py: head h + 1's loads are issued
+    Software-pipelined by hand, as fx_head_sum in exact.py: head h + 1's loads are issued
     before head h's dot products, so the head loop is not one memory round trip per head."""
     pid = tl.program_id(0)
     b = (pid // jblocks).to(tl.int64)
@@ -131,7 +138,7 @@ def _cls_kernel(q_ptr, k_ptr, lse_ptr, sig_ptr, N, H, P, d, scale,
         v = tl.sum(kt.to(tl.float32) * (qv.to(tl.float32) * scale)[None, :], axis=1)
         if PROB:
             v = tl.exp(v - norm)
-        acc += _fx(v)
+        acc += fx(v)
         qv, kt, norm = qv_next, kt_next, norm_next
     tl.store(sig_ptr + b * N + j, acc, mask=jmask)
 
@@ -165,10 +172,10 @@ def _logit_means_kernel(q_ptr, k_ptr, col_ptr, row_ptr, N, H, P, d, mean_scale,
         tmask = t < N
         m = tmask[:, None] & dmask[None, :]
         kt = tl.load(keys + (P + t)[:, None] * s_ks, mask=m, other=0.0).to(tl.float32)
-        tl.atomic_add(col_ptr + b * N + t, _fx(tl.sum(kt * qbar[None, :], axis=1)), mask=tmask, sem="relaxed")
+        tl.atomic_add(col_ptr + b * N + t, fx(tl.sum(kt * qbar[None, :], axis=1)), mask=tmask, sem="relaxed")
         if ROWS:
             qt = tl.load(queries + (P + t)[:, None] * s_qs, mask=m, other=0.0).to(tl.float32)
-            tl.atomic_add(row_ptr + b * N + t, _fx(tl.sum(qt * kbar[None, :], axis=1)), mask=tmask, sem="relaxed")
+            tl.atomic_add(row_ptr + b * N + t, fx(tl.sum(qt * kbar[None, :], axis=1)), mask=tmask, sem="relaxed")
 
 
 @triton.jit
@@ -206,7 +213,7 @@ def _prob_means_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, part_ptr, N, H, P, d, qk_
         acc += p
         if ROWS:
             tl.store(part + i, tl.sum(p, axis=1), mask=imask)
-    tl.atomic_add(col_ptr + b * N + j, _fx(tl.sum(acc, axis=0) / N), mask=jmask, sem="relaxed")
+    tl.atomic_add(col_ptr + b * N + j, fx(tl.sum(acc, axis=0) / N), mask=jmask, sem="relaxed")
 
 
 @triton.jit
@@ -223,11 +230,18 @@ def _row_means_kernel(part_ptr, row_ptr, N, H, jblocks, iblocks, BLOCK: tl.const
         total = tl.zeros([BLOCK], tl.float32)
         for jb in range(jblocks):
             total += tl.load(part + jb * N, mask=imask, other=0.0)
-        acc += _fx(total / N)
+        acc += fx(total / N)
     tl.store(row_ptr + b * N + i, acc, mask=imask)
 
 
 # ----------------------------------------------------------------------------------- launchers
+
+
+def check_head_dim(d: int) -> None:
+    """SPEC.md "Backend limits": RuntimeError naming d above MAX_HEAD_DIM, the same text as CUDA's
+    (which takes up to 8192), whatever B, N and keep are."""
+    if d > MAX_HEAD_DIM:
+        raise RuntimeError(f"fopru: significance_qk supports head dim d <= {MAX_HEAD_DIM} on Triton, got {d}")
 
 
 def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -251,8 +265,8 @@ def _dot_flags(q: torch.Tensor) -> tuple[bool, bool]:
 def _vec_block(n: int, block_d: int, device: torch.device) -> int:
     """Tokens per program of the elementwise (tokens x d) kernels."""
     if not target.for_gpu(device):
-        return max(1, min(_pow2(n), 1024))
-    return max(16, min(_pow2(n), _VEC_TILE // block_d))
+        return max(1, min(pow2(n), 1024))
+    return max(16, min(pow2(n), _VEC_TILE // block_d))
 
 
 def _cls_block(batch: int, n: int, block_d: int, device: torch.device) -> int:
@@ -261,7 +275,7 @@ def _cls_block(batch: int, n: int, block_d: int, device: torch.device) -> int:
     block = _vec_block(n, block_d, device)
     if not target.for_gpu(device):
         return block
-    return min(block, max(16, _pow2(triton.cdiv(batch * n, 2 * target.sm_count(device)))))
+    return min(block, max(16, pow2(triton.cdiv(batch * n, 2 * target.sm_count(device)))))
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, row0: int, rows: int) -> torch.Tensor:
@@ -269,13 +283,13 @@ def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, row0: int, rows: int) -
     b, h, s, d = q.shape
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     block_m, block_n, warps = _tile_config(q.device)
-    block_m = max(16, min(block_m, _pow2(rows)))  # tl.dot needs 16 rows; a CLS row is one
-    block_n = max(16, min(block_n, _pow2(s)))
+    block_m = max(16, min(block_m, pow2(rows)))  # tl.dot needs 16 rows; a CLS row is one
+    block_n = max(16, min(block_n, pow2(s)))
     mblocks = triton.cdiv(rows, block_m)
     upcast, ieee = _dot_flags(q)
     _lse_kernel[(b * h * mblocks,)](
         q, k, lse, s, h, d, row0, rows, scale * _LOG2E, *q.stride(), *k.stride(), mblocks,
-        UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, _pow2(d)),
+        UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, pow2(d)),
         num_warps=warps,
     )
     return lse
@@ -288,7 +302,7 @@ def _cls_sig(q, k, num_prefix, scale, lse, kind) -> torch.Tensor:
     if prob and lse is None:
         lse = _lse(q, k, scale, 0, 1)
     sig = torch.empty(b, n, dtype=torch.int64, device=q.device)
-    block_d = _pow2(d)
+    block_d = pow2(d)
     block = _cls_block(b, n, block_d, q.device)
     jblocks = triton.cdiv(n, block)
     norms = lse if prob else sig  # unused without PROB
@@ -306,7 +320,7 @@ def _patch_means(q, k, num_prefix, scale, lse, kind, rows: bool) -> torch.Tensor
     n = s - num_prefix
     sums = torch.zeros(2 if rows else 1, b, n, dtype=torch.int64, device=q.device)
     if kind == "logit":
-        block_d = _pow2(d)
+        block_d = pow2(d)
         _logit_means_kernel[(b * h,)](
             q, k, sums[0], sums[-1], n, h, num_prefix, d, scale / n, *q.stride(), *k.stride(),
             ROWS=rows, BLOCK_S=_vec_block(n, block_d, q.device), BLOCK_D=block_d,
@@ -315,8 +329,8 @@ def _patch_means(q, k, num_prefix, scale, lse, kind, rows: bool) -> torch.Tensor
     if lse is None:
         lse = _lse(q, k, scale, num_prefix, n)
     block_m, block_n, warps = _tile_config(q.device)
-    block_m = max(16, min(block_m, _pow2(n)))
-    block_n = max(16, min(block_n, _pow2(n)))
+    block_m = max(16, min(block_m, pow2(n)))
+    block_n = max(16, min(block_n, pow2(n)))
     jblocks = triton.cdiv(n, block_n)
     # Partial row sums, one per key block; unused (a 1-element stand-in) without rows.
     part = torch.empty(b * h * jblocks * n if rows else 1, dtype=torch.float32, device=q.device)
@@ -325,10 +339,10 @@ def _patch_means(q, k, num_prefix, scale, lse, kind, rows: bool) -> torch.Tensor
         q, k, lse, sums[0], part, n, h, num_prefix, d, scale * _LOG2E,
         *q.stride(), *k.stride(), *lse.stride(), jblocks,
         ROWS=rows, UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, _pow2(d)), num_warps=warps,
+        BLOCK_D=max(16, pow2(d)), num_warps=warps,
     )
     if rows:
-        block = min(_pow2(n), 1024)
+        block = min(pow2(n), 1024)
         iblocks = triton.cdiv(n, block)
         _row_means_kernel[(b * iblocks,)](part, sums[1], n, h, jblocks, iblocks, BLOCK=block)
     return sums
@@ -340,18 +354,19 @@ def significance_qk(
 ) -> torch.Tensor:
     """Token significance from q and k (SPEC.md): q, k (B, H, S, d) ("bhsd") or (B, S, H, d)
     ("bshd"), lse (B, H, S) float32 or None -> sig (B, N = S - num_prefix) int64."""
+    check_head_dim(q.shape[-1])
     q, k = _bhsd(q, layout), _bhsd(k, layout)
     b, _, s, _ = q.shape
     n = s - num_prefix
     if b == 0:
         return torch.empty(0, n, dtype=torch.int64, device=q.device)
-    with _device_of(q):
+    with device_of(q):
         if score == "cls":
             return _cls_sig(q, k, num_prefix, scale, lse, kind)
         sums = _patch_means(q, k, num_prefix, scale, lse, kind, rows=score == "focal")
         if score == "received":
             return sums[0]
-        return tk.focal_significance(sums[0], sums[1])
+        return focal_significance(sums[0], sums[1])
 
 
 def significance_qk_parts(
@@ -360,13 +375,14 @@ def significance_qk_parts(
 ) -> torch.Tensor:
     """The sums significance_qk chooses from (SPEC.md): (B, C, N) int64 contiguous, C = 2 for
     focal ([:, 0] column sums, [:, 1] row sums), else 1 (cls values or column sums)."""
+    check_head_dim(q.shape[-1])
     q, k = _bhsd(q, layout), _bhsd(k, layout)
     b, _, s, _ = q.shape
     n = s - num_prefix
     c = 2 if score == "focal" else 1
     if b == 0:
         return torch.empty(0, c, n, dtype=torch.int64, device=q.device)
-    with _device_of(q):
+    with device_of(q):
         if score == "cls":
             return _cls_sig(q, k, num_prefix, scale, lse, kind)[:, None]
         # (C, B, N) -> (B, C, N): one copy of B x C x N int64, next to the O(B H S d) kernels.
@@ -378,8 +394,8 @@ def significance_from_parts(parts: torch.Tensor) -> torch.Tensor:
     the focal choice between parts[:, 0] and parts[:, 1] for C = 2."""
     if parts.shape[1] == 1:
         return parts[:, 0].clone(memory_format=torch.contiguous_format)
-    with _device_of(parts):
-        return tk.focal_significance(parts[:, 0], parts[:, 1])
+    with device_of(parts):
+        return focal_significance(parts[:, 0], parts[:, 1])
 
 
 def prune_tokens_qk(
@@ -389,8 +405,9 @@ def prune_tokens_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens (B, N, D), q / k as in significance_qk -> pruned (B, keep, D), idx (B, keep) int64.
 
-    The significance kernels above, then prune_tokens.py's selection + gather: one fused launch
+    The significance kernels above, then select.py's selection + gather: one fused launch
     (which also makes the focal choice) while the token tile fits, else the staged kernels."""
+    check_head_dim(q.shape[-1])
 
     def fused_inputs():
         qv, kv = _bhsd(q, layout), _bhsd(k, layout)
@@ -400,6 +417,6 @@ def prune_tokens_qk(
         sums = _patch_means(qv, kv, num_prefix, scale, lse, kind, rows=score == "focal")
         return score, None, sums[0], sums[-1]
 
-    return tk._launch_prune(tokens, keep, strategy, cols, num_prefix,
-                            lambda: significance_qk(q, k, score, num_prefix, scale, lse, kind, layout),
-                            fused_inputs)
+    return sel.select_gather(tokens, keep, strategy, cols, num_prefix,
+                             lambda: significance_qk(q, k, score, num_prefix, scale, lse, kind, layout),
+                             fused_inputs)

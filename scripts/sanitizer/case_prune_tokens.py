@@ -18,7 +18,8 @@ sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, test_cuda) 
 
 import fopru_kernels as F  # noqa: E402
 from cases import Case  # noqa: E402
-from test_cuda import FORCE_GLOBAL, check_case  # noqa: E402
+from conftest import cuda_global_keys  # noqa: E402
+from test_cuda import check_case  # noqa: E402
 
 
 def cases():
@@ -46,12 +47,11 @@ def main() -> int:
         print("case_prune_tokens: needs a GPU and the library's CUDA kernels")
         return 1
     count = 0
-    for force_global in ("0", "1"):
-        os.environ[FORCE_GLOBAL] = force_global
-        for c, attn_layout in cases():
-            check_case(c, attn_layout=attn_layout)
-            count += 1
-    os.environ[FORCE_GLOBAL] = "0"
+    for force_global in (False, True):
+        with cuda_global_keys(force_global):
+            for c, attn_layout in cases():
+                check_case(c, attn_layout=attn_layout)
+                count += 1
     # keep == N, keep == 1, N == 1
     for c in (Case(B=2, N=16, keep=16, score="cls"), Case(B=1, N=16, keep=1), Case(B=2, N=1, keep=1, score="received")):
         check_case(c)

@@ -12,12 +12,11 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-sys.path[:0] = [ROOT]  # the in-place built package
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (conftest) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
+from conftest import cuda_global_keys  # noqa: E402
 from fopru_kernels import reference  # noqa: E402
-
-FORCE_GLOBAL = "FOPRU_CUDA_FORCE_GLOBAL_KEYS"
 
 
 def _batch(sizes, d, dtype, seed, strided):
@@ -45,13 +44,13 @@ def main() -> int:
         print("case_prune_tokens_varlen: needs a GPU and the library's CUDA kernels")
         return 1
     count = 0
-    for force_global in ("0", "1"):
-        os.environ[FORCE_GLOBAL] = force_global
-        _check([16, 0, 35, 1], [5, 0, 35, 1], "rank", None, torch.float16, torch.int32, 1)
-        _check([16, 0, 35, 1], [8, 0, 14, 1], "row", [4, 4, 0, 3, 5, 7, 1, 1], torch.bfloat16, torch.int64, 2, True)
-        _check([64, 9], [0, 9], "rank", None, torch.float32, torch.int64, 3, True)
-        count += 3
-    os.environ[FORCE_GLOBAL] = "0"
+    for force_global in (False, True):
+        with cuda_global_keys(force_global):
+            _check([16, 0, 35, 1], [5, 0, 35, 1], "rank", None, torch.float16, torch.int32, 1)
+            _check([16, 0, 35, 1], [8, 0, 14, 1], "row", [4, 4, 0, 3, 5, 7, 1, 1], torch.bfloat16, torch.int64, 2,
+                   True)
+            _check([64, 9], [0, 9], "rank", None, torch.float32, torch.int64, 3, True)
+            count += 3
     # A broken segment on the GPU (the host never reads cu_seqlens there): image 1 claims tokens past T.
     tokens, sig, _ = _batch([8, 8], 4, torch.float32, 4, False)
     cu = torch.tensor([0, 8, 20], device="cuda")

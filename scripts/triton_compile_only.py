@@ -219,7 +219,9 @@ def compile_spec(spec: Spec) -> Result:
         chain = [e]
         while chain[-1].__cause__ is not None and len(chain) < 8:
             chain.append(chain[-1].__cause__)
-        result.error = "\n".join(f"{type(x).__name__}: {x}" for x in reversed(chain))
+        root = chain[-1]
+        head = f"{type(e).__name__}: {root}" + (f" ({type(root).__name__})" if root is not e else "")
+        result.error = "\n".join([head] + [f"{type(x).__name__}: {x}" for x in chain[1:] + chain[:1]])
     else:
         text = log.getvalue()
         result.shared = int(kernel.metadata.shared)

@@ -87,26 +87,30 @@ class QKVCapture:
 
 
 def prune_patches(
-    tokens: torch.Tensor, q: torch.Tensor, k: torch.Tensor, plan: PrunePlan, scale: float, split: bool
+    tokens: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: PrunePlan,
+    scale: float,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keeps plan.keep of each image's patch tokens, scored from the layer's q and k.
 
     tokens (B, N, D) patch features; q, k (B, S, H, d) of this rank's heads, S = num_prefix + N.
-    split: heads are split over the TP group; then the partial significances are all-reduced (int64,
-    exact) so every rank keeps the same tokens. Returns pruned (B, keep, D) and idx (B, keep) int64.
+    group: None when this rank holds every head; else the process group the heads are split over
+    (vLLM's TP group): the partial significances are all-reduced there (int64, exact), so every rank
+    keeps the same tokens as one rank with all heads. Returns pruned (B, keep, D), idx (B, keep) int64.
     """
     s = plan.settings
-    if not split:
+    if group is None:
         return fopru.prune_tokens_qk(
             tokens, q, k, plan.keep, strategy=s.strategy, score=s.score, num_prefix=plan.num_prefix,
             grid=plan.grid, scale=scale, kind=s.kind, layout="bshd", backend=s.backend,
         )
-    from vllm.distributed import get_tp_group
-
     parts = fopru.significance_qk_parts(
         q, k, score=s.score, num_prefix=plan.num_prefix, scale=scale, kind=s.kind, layout="bshd", backend=s.backend
     )
-    torch.distributed.all_reduce(parts, group=get_tp_group().device_group)
+    torch.distributed.all_reduce(parts, group=group)
     sig = fopru.significance_from_parts(parts)
     idx = fopru.select(sig, plan.keep, strategy=s.strategy, grid=plan.grid, backend=s.backend)
     return gather_rows(tokens, idx), idx

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from transformers import CLIPVisionConfig, PixtralVisionConfig
+from vllm.distributed import get_tp_group
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -108,6 +109,7 @@ class FoPruLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.fopru is None:
             return features
         q, k = self.fopru_capture.take()
-        pruned, idx = prune_patches(features, q, k, self.fopru, self.fopru_scale, self.fopru_capture.split)
+        group = get_tp_group().device_group if self.fopru_capture.split else None
+        pruned, idx = prune_patches(features, q, k, self.fopru, self.fopru_scale, group)
         self.fopru_last_idx = idx
         return pruned

@@ -20,6 +20,7 @@ from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -72,20 +73,32 @@ def _vllm_weight_names(path: str) -> None:
     save_file(renamed, path, metadata={"format": "pt"})
 
 
+def _text_config(tok) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+
+
+def build_text_only(path: str, seed: int = 0) -> str:
+    """A tiny LlamaForCausalLM with the same tokenizer: an architecture the plugin does not support."""
+    tok = _tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(_text_config(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def build(path: str, seed: int = 0) -> str:
     """Writes the checkpoint (config, safetensors, tokenizer, processor) to `path`; returns path."""
     tok = _tokenizer()
-    vocab = len(tok)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64, intermediate_size=128,
             num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
         ),
-        text_config=LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        ),
+        text_config=_text_config(tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=PATCHES,
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )

@@ -1,0 +1,80 @@
+"""fopru_kernels.integrations.settings: the settings dict integrations take from users (vLLM's
+hf_overrides["fopru"]), its defaults (the paper's), and one ValueError naming the key for each bad value."""
+import pytest
+
+import fopru_kernels as F
+from fopru_kernels.integrations.settings import FoPruSettings, parse_settings
+
+
+def test_defaults_follow_the_paper():
+    s = parse_settings({"keep": 144})
+    assert s == FoPruSettings(keep=144, ratio=None, strategy="rank", score="focal", kind="logit", layer=None,
+                              backend="auto")
+
+
+def test_every_key_is_taken():
+    raw = {"ratio": 0.5, "strategy": "row", "score": "cls", "kind": "prob", "layer": -3, "backend": "reference"}
+    assert parse_settings(raw) == FoPruSettings(ratio=0.5, strategy="row", score="cls", kind="prob", layer=-3,
+                                                backend="reference")
+    assert parse_settings({"ratio": 1}).ratio == 1.0  # an int ratio is a number too
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({}, "exactly one of 'keep'"),
+        ({"keep": 4, "ratio": 0.5}, "exactly one of 'keep'"),
+        ({"keep": 0}, r"fopru.keep must be an int >= 1"),
+        ({"keep": -3}, r"fopru.keep must be an int >= 1"),
+        ({"keep": 2.0}, r"fopru.keep must be an int >= 1"),
+        ({"keep": True}, r"fopru.keep must be an int >= 1"),
+        ({"ratio": 0}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"ratio": 1.5}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"ratio": float("nan")}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"ratio": "0.5"}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"keep": 4, "strategy": "top"}, r"fopru.strategy must be one of 'rank', 'row', got 'top'"),
+        ({"keep": 4, "score": "mean"}, r"fopru.score must be one of 'focal', 'received', 'cls', got 'mean'"),
+        ({"keep": 4, "kind": "softmax"}, r"fopru.kind must be one of 'logit', 'prob', got 'softmax'"),
+        ({"keep": 4, "backend": "gpu"}, r"fopru.backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference'"),
+        ({"keep": 4, "layer": "-2"}, r"fopru.layer must be an int"),
+        ({"keep": 4, "keeep": 3}, r"fopru.keeep is not a setting; allowed keys: 'keep', 'ratio'"),
+        ([("keep", 4)], r"fopru must be a dict of settings"),
+    ],
+)
+def test_bad_settings_name_the_key_and_the_allowed_values(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_settings(raw)
+
+
+@pytest.mark.parametrize(
+    "raw, n, grid, kept",
+    [
+        ({"keep": 144}, 576, None, 144),
+        ({"keep": 576}, 576, None, 576),
+        ({"ratio": 0.25}, 576, None, 144),
+        ({"ratio": 0.25, "strategy": "row"}, 576, None, 144),
+        ({"ratio": 0.3, "strategy": "row"}, 576, None, 7 * 24),
+        ({"keep": 12, "strategy": "row"}, 24, (2, 12), 12),
+        ({"ratio": 0.5}, 7, None, 3),  # rank ignores the grid: any N
+    ],
+)
+def test_kept_count_is_retained_count(raw, n, grid, kept):
+    s = parse_settings(raw)
+    assert s.kept_count(n, grid) == kept
+    if s.ratio is not None:
+        assert kept == F.retained_count(n, s.ratio, s.strategy, grid)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"keep": 577}, r"fopru.keep must be in \[1, 576\]"),
+        ({"keep": 100, "strategy": "row"}, r"multiple of the grid's 24 columns.*nearest allowed: 96, 120"),
+        ({"keep": 10, "strategy": "row"}, r"multiple of the grid's 24 columns.*nearest allowed: 24$"),
+        ({"ratio": 0.001}, r"fopru.ratio=0.001 keeps no token of an image's 576 patches"),
+        ({"ratio": 0.04, "strategy": "row"}, r"fopru.ratio=0.04 keeps no token.*allowed: a ratio in \[0.0416667, 1\]"),
+    ],
+)
+def test_kept_count_refuses_what_the_image_cannot_give(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_settings(raw).kept_count(576)

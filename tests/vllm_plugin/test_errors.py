@@ -1,0 +1,63 @@
+"""Bad settings stop the engine at start (issue 10, item 3): one ValueError naming the key and the
+allowed values, raised while vLLM builds its config, before any weight is loaded or request taken."""
+import pytest
+
+import cases
+import checkpoint
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory):
+    return checkpoint.build_text_only(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def start(model_dir, fopru, **engine):
+    from vllm import LLM
+
+    return LLM(model=model_dir, **{**cases.ENGINE, **engine}, hf_overrides={"fopru": fopru})
+
+
+@pytest.mark.parametrize(
+    "fopru, message",
+    [
+        ({"keep": 0}, r"fopru.keep must be an int >= 1"),
+        ({"keep": -4}, r"fopru.keep must be an int >= 1"),
+        ({"keep": 577}, r"fopru.keep must be in \[1, 576\]"),
+        ({"ratio": 0.0}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"ratio": 1.25}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ({"ratio": 0.001}, r"fopru.ratio=0.001 keeps no token of an image's 576 patches"),
+        ({"keep": 144, "ratio": 0.25}, r"fopru needs exactly one of 'keep'"),
+        ({"keep": 144, "score": "attention"}, r"fopru.score must be one of 'focal', 'received', 'cls'"),
+        ({"keep": 144, "strategy": "top"}, r"fopru.strategy must be one of 'rank', 'row'"),
+        ({"keep": 144, "kind": "softmax"}, r"fopru.kind must be one of 'logit', 'prob'"),
+        ({"keep": 100, "strategy": "row"}, r"fopru.keep=100 with strategy 'row' must be a multiple of the grid's 24 "
+                                           r"columns \(whole rows\); nearest allowed: 96, 120"),
+        ({"keep": 144, "layer": -1}, r"fopru.layer must name an attention layer vLLM builds.*\[1, 2\] or \[-3, -2\]"),
+        ({"keep": 144, "backend": "gpu"}, r"fopru.backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference'"),
+        ({"keep": 144, "backend": "cuda"}, r"fopru.backend='cuda' cannot run on cpu in this install; allowed here"),
+        ({"keep": 144, "keeep": 1}, r"fopru.keeep is not a setting; allowed keys: 'keep', 'ratio', 'strategy'"),
+        ("keep=144", r"fopru must be a dict of settings"),
+    ],
+)
+def test_bad_setting_stops_the_engine_at_start(model_dir, fopru, message):
+    with pytest.raises(ValueError, match=message):
+        start(model_dir, fopru)
+
+
+def test_unsupported_architecture_is_refused(text_model_dir):
+    with pytest.raises(ValueError, match=r"fopru: the FoPru plugin does not support architecture 'LlamaForCausalLM'; "
+                                         r"supported: 'LlavaForConditionalGeneration'"):
+        start(text_model_dir, {"keep": 144})
+
+
+def test_transformers_backend_is_refused(model_dir):
+    """model_impl='transformers' runs transformers' own LLaVA code, which the plugin does not patch."""
+    with pytest.raises(ValueError, match=r"fopru: the FoPru plugin does not support architecture 'Transformers"):
+        start(model_dir, {"keep": 144}, model_impl="transformers")
+
+
+def test_without_fopru_other_architectures_start(text_model_dir):
+    from vllm import LLM
+
+    llm = LLM(model=text_model_dir, **{k: v for k, v in cases.ENGINE.items() if k != "limit_mm_per_prompt"})
+    assert cases.generate(llm, ["The quick brown fox"])[0]["tokens"]

@@ -111,7 +111,7 @@ def prune_patches(
         q, k, score=s.score, num_prefix=plan.num_prefix, scale=scale, kind=s.kind, layout="bshd", backend=s.backend
     )
     torch.distributed.all_reduce(parts, group=group)
-    sig = fopru.significance_from_parts(parts)
+    sig = fopru.significance_from_parts(parts, backend=s.backend)
     idx = fopru.select(sig, plan.keep, strategy=s.strategy, grid=plan.grid, backend=s.backend)
     return gather_rows(tokens, idx), idx
 

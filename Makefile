@@ -1,6 +1,7 @@
 # The README's commands. Each target sets up what it needs from nothing: venv, PyTorch, Triton, build.
 #   make demo   prune a LLaVA-1.5-shaped batch, show the kept tokens and time every backend
 #   make test   build, run the test suite (Triton kernels under TRITON_INTERPRET=1) and the CMake/ctest build
+#   make test-vllm  vLLM's CPU build in .venv-vllm with this package built against its torch, then tests/vllm_plugin
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH_VERSION ?= 2.14.1
 export MAX_JOBS ?= 2
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: demo test pytest build cmake-test bench clean
+.PHONY: demo test pytest build cmake-test bench clean test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,13 @@ cmake-test: $(VENV)/.installed
 	ctest --test-dir cmake-build --output-on-failure
 
 test: pytest cmake-test
+
+# The vLLM plugin's tests need vLLM's CPU build (torch 2.13.0), so they run in a venv of their own;
+# scripts/vllm_env.sh makes it from nothing and installs this package into it (built there).
+# Run from tests/vllm_plugin so the installed package, not the in-place build, is imported.
+test-vllm:
+	bash scripts/vllm_env.sh .venv-vllm
+	cd tests/vllm_plugin && ../../.venv-vllm/bin/python -m pytest -q .
 
 bench: build
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only

@@ -61,3 +61,39 @@ def test_without_fopru_other_architectures_start(text_model_dir):
 
     llm = LLM(model=text_model_dir, **{k: v for k, v in cases.ENGINE.items() if k != "limit_mm_per_prompt"})
     assert cases.generate(llm, ["The quick brown fox"])[0]["tokens"]
+
+
+class _Context:
+    """The part of vLLM's InputProcessingContext the processing info reads."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def get_hf_config(self, *args):
+        return self.config
+
+
+@pytest.mark.parametrize("fopru, count", [(None, 576), ({"keep": 144}, 144), ({"ratio": 0.25, "strategy": "row"}, 144)])
+def test_processing_info_reports_the_kept_count(model_dir, fopru, count):
+    from transformers import AutoConfig
+
+    from fopru_kernels.integrations.vllm.llava import FoPruLlavaProcessingInfo
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if fopru is not None:
+        config.fopru = fopru
+    info = FoPruLlavaProcessingInfo(_Context(config))
+    assert info.get_num_image_tokens(image_width=640, image_height=480) == count
+    assert info.get_max_image_tokens() == count  # vLLM's encoder budget
+
+
+def test_processing_info_checks_the_settings_itself(model_dir):
+    """Every process that builds a processor checks the settings, not only the one that built the config."""
+    from transformers import AutoConfig
+
+    from fopru_kernels.integrations.vllm.llava import FoPruLlavaProcessingInfo
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.fopru = {"keep": 577}
+    with pytest.raises(ValueError, match=r"fopru.keep must be in \[1, 576\]"):
+        FoPruLlavaProcessingInfo(_Context(config))

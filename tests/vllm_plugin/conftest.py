@@ -61,6 +61,27 @@ def engine(model_dir):
 
 
 @pytest.fixture(scope="session")
+def recorded(engine):
+    """recorded(fopru) -> (outputs, encoder records) of cases.requests() on engine(fopru), run once:
+    a second run of the same images would hit vLLM's encoder cache and encode nothing."""
+    import recorder
+
+    made = {}
+
+    def get(fopru):
+        key = repr(fopru)
+        if key not in made:
+            llm = engine(fopru)
+            assert llm.apply_model(recorder.install) == ["FoPruLlavaForConditionalGeneration"]
+            outputs = cases.generate(llm, cases.requests())
+            (records,) = llm.apply_model(recorder.collect)
+            made[key] = outputs, records
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_dir):
     """transformers' LlavaForConditionalGeneration and processor on the same checkpoint, float32."""
     import torch

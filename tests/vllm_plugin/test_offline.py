@@ -22,14 +22,10 @@ SETTINGS = {"paper": cases.PAPER, "others": cases.OTHERS}
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
-def pruned(request, engine):
+def pruned(request, recorded):
     """(settings, outputs, encoder records) of cases.requests() on an engine with those settings."""
     settings = SETTINGS[request.param]
-    llm = engine(settings)
-    assert llm.apply_model(recorder.install) == ["FoPruLlavaForConditionalGeneration"]
-    outputs = cases.generate(llm, cases.requests())
-    (records,) = llm.apply_model(recorder.collect)
-    return settings, outputs, records
+    return settings, *recorded(settings)
 
 
 @pytest.fixture(scope="module")

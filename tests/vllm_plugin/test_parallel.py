@@ -21,7 +21,6 @@ from fopru_kernels.integrations.vllm.common import PrunePlan, prune_patches
 
 import cases
 import gloo_ranks
-import recorder
 
 PLANS = [
     {"keep": 144, "strategy": "rank", "score": "focal", "kind": "logit"},
@@ -53,12 +52,9 @@ def test_gloo_ranks_keep_what_one_process_keeps(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tp1(engine):
+def tp1(recorded):
     """TP = 1 in this process: outputs and kept indices of cases.requests() with the paper's settings."""
-    llm = engine(cases.PAPER)
-    llm.apply_model(recorder.install)
-    outputs = cases.generate(llm, cases.requests())
-    (records,) = llm.apply_model(recorder.collect)
+    outputs, records = recorded(cases.PAPER)
     return outputs, per_image([r["idx"].tolist() for r in records])
 
 
@@ -79,6 +75,7 @@ def test_tp2_keeps_tp1_tokens_on_every_rank(tmp_path, model_dir, tp1, encoder_mo
     assert run["parallel"] == [{"heads": 2, "total": 4}] * 2
     outputs, idx = tp1
     rank0, rank1 = (per_image(rank) for rank in run["idx"])
+    assert len(idx) == 4  # every image of cases.requests() encoded (not served from a cache)
     assert rank0 == rank1  # every rank keeps the same tokens: the all-reduce is exact
     assert rank0 == idx
     assert run["outputs"] == outputs

@@ -78,3 +78,9 @@ def test_kept_count_is_retained_count(raw, n, grid, kept):
 def test_kept_count_refuses_what_the_image_cannot_give(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_settings(raw).kept_count(576)
+
+
+@pytest.mark.parametrize("raw, n, kept", [({"keep": 144}, 2000, 144), ({"keep": 144}, 100, 100),
+                                         ({"ratio": 0.25}, 2001, 500)])
+def test_budget_never_exceeds_the_sequence(raw, n, kept):
+    assert parse_settings(raw).budget(n) == kept

@@ -74,6 +74,11 @@ class FoPruSettings:
             )
         return self.keep
 
+    def budget(self, n_tokens: int) -> int:
+        """Tokens kept of a sequence of n_tokens that may be shorter than `keep` (LLaVA-NeXT's
+        images vary in size): min(keep, n_tokens), or retained_count(n_tokens, ratio) (strategy 'rank')."""
+        return min(self.keep, n_tokens) if self.ratio is None else retained_count(n_tokens, self.ratio)
+
 
 def parse_settings(raw: Mapping) -> FoPruSettings:
     """The user's FoPru dict -> FoPruSettings. Raises ValueError naming the key and its allowed values.

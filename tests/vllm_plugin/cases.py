@@ -10,14 +10,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import PATCHES
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 ENGINE = dict(
     enforce_eager=True, max_model_len=2048, dtype="float32", max_num_seqs=2, limit_mm_per_prompt={"image": 3},
     enable_mm_embeds=True, seed=0,
 )
+NEXT_ENGINE = dict(max_model_len=8192)  # LLaVA-NeXT: up to 5 crops of 576 tokens per image, unpruned
 MAX_TOKENS = 8
 # The paper's settings, spelled out (both engines and transformers' apply_fopru get them explicitly),
 # and a second set covering every other value of every key.
@@ -56,10 +55,8 @@ def placeholders(prompt: list[int], image_token: int) -> int:
 
 def transformers_generate(model, processor, request, handle=None) -> dict:
     """transformers' greedy generate on one request; with an apply_fopru handle the placeholders are
-    trimmed to the kept count first. Returns prompt ids, generated ids and (with a handle) kept idx."""
+    trimmed to the kept count first. Returns prompt ids, generated ids and the handle (None without)."""
     inputs = processor(images=request["multi_modal_data"]["image"], text=request["prompt"], return_tensors="pt")
-    assert placeholders(inputs["input_ids"][0].tolist(), model.config.image_token_id) == PATCHES * len(
-        request["multi_modal_data"]["image"])
     if handle is not None:
         inputs = handle.prepare_inputs(inputs)
     with torch.no_grad():
@@ -68,7 +65,7 @@ def transformers_generate(model, processor, request, handle=None) -> dict:
     return {
         "prompt": prompt,
         "tokens": out[0, len(prompt):].tolist(),
-        "idx": None if handle is None else handle.last_idx,
+        "inputs": inputs,
     }
 
 

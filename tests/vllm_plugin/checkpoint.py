@@ -1,4 +1,5 @@
-"""A tiny random LLaVA-1.5 checkpoint that vLLM and transformers both load, built locally (no download).
+"""Tiny random LLaVA-1.5 and LLaVA-NeXT checkpoints that vLLM and transformers both load, built locally
+(no download).
 
 CLIP 336/14 tower (24 x 24 = 576 patches, 3 layers, 4 heads of 16), vision_feature_layer -2 and the
 'default' select strategy as in LLaVA-1.5; a tiny Llama (2 heads of 32: a head size vLLM's CPU
@@ -23,6 +24,10 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -76,7 +81,7 @@ def _vllm_weight_names(path: str) -> None:
 def _text_config(tok) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8192,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
 
@@ -90,33 +95,45 @@ def build_text_only(path: str, seed: int = 0) -> str:
     return path
 
 
-def build(path: str, seed: int = 0) -> str:
-    """Writes the checkpoint (config, safetensors, tokenizer, processor) to `path`; returns path."""
+PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+
+
+def build(path: str, next_model: bool = False, seed: int = 0) -> str:
+    """Writes the checkpoint (config, safetensors, tokenizer, processor) to `path`; returns path.
+    next_model: LLaVA-NeXT (anyres tiles of 2 x 1, 1 x 2 or 2 x 2 crops, plus the base crop) instead."""
     tok = _tokenizer()
-    config = LlavaConfig(
+    config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if next_model else (
+        LlavaConfig, LlavaForConditionalGeneration)
+    config = config_cls(
         vision_config=CLIPVisionConfig(
             image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=64, intermediate_size=128,
             num_attention_heads=4, num_hidden_layers=3, projection_dim=64,
         ),
         text_config=_text_config(tok),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=PATCHES,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        **({"image_grid_pinpoints": PINPOINTS} if next_model else {"image_seq_length": PATCHES}),
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():
         for block in model.model.vision_tower.encoder.layers:
             block.self_attn.q_proj.weight.mul_(8)
             block.self_attn.k_proj.weight.mul_(8)
     model.save_pretrained(path)
     _vllm_weight_names(os.path.join(path, "model.safetensors"))
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
-    )
+    sizes = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if next_model:
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor(**sizes, image_grid_pinpoints=PINPOINTS), tokenizer=tok,
+            patch_size=PATCH, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+            num_additional_image_tokens=1,
+        )
+    else:
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(**sizes), tokenizer=tok, patch_size=PATCH,
+            vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+        )
     processor.save_pretrained(path)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}, f)

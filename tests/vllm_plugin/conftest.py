@@ -36,6 +36,11 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def next_model_dir(tmp_path_factory):
+    return checkpoint.build(str(tmp_path_factory.mktemp("tiny-llava-next")), next_model=True)
+
+
+@pytest.fixture(scope="session")
 def image_token(model_dir):
     from transformers import AutoConfig
 
@@ -43,17 +48,19 @@ def image_token(model_dir):
 
 
 @pytest.fixture(scope="session")
-def engine(model_dir):
-    """engine(fopru) -> an LLM with hf_overrides {"fopru": fopru} (None: no fopru key), made once."""
+def engine(model_dir, next_model_dir):
+    """engine(fopru, next_model=False) -> an LLM of the tiny LLaVA-1.5 (or LLaVA-NeXT) checkpoint with
+    hf_overrides {"fopru": fopru} (None: no fopru key), made once per session."""
     from vllm import LLM
 
     made = {}
 
-    def get(fopru=None):
-        key = repr(fopru)
+    def get(fopru=None, next_model=False):
+        key = repr((fopru, next_model))
         if key not in made:
             overrides = {} if fopru is None else {"hf_overrides": {"fopru": dict(fopru)}}
-            made[key] = LLM(model=model_dir, **cases.ENGINE, **overrides)
+            args = {**cases.ENGINE, **(cases.NEXT_ENGINE if next_model else {}), **overrides}
+            made[key] = LLM(model=next_model_dir if next_model else model_dir, **args)
         return made[key]
 
     yield get

@@ -52,3 +52,21 @@ def tensor_parallel(model) -> dict:
     """Heads of the tower's first layer on this rank, of all."""
     qkv = model.vision_tower.vision_model.encoder.layers[0].self_attn.qkv_proj
     return {"heads": qkv.num_heads, "total": qkv.total_num_heads}
+
+
+def install_next(model) -> None:
+    """Records, after every image encoding of a FoPru LLaVA-NeXT model, its kept sources and counts."""
+    records, encode = [], model._process_image_input
+
+    def recorded(image_input):
+        out = encode(image_input)
+        records.append({"source": model.fopru_last_source.clone(), "cu_seqlens": model.fopru_last_cu_seqlens.clone()})
+        return out
+
+    model._process_image_input = recorded  # an instance attribute: removed by collect_next
+    model.test_records = records
+
+
+def collect_next(model) -> list[dict]:
+    del model._process_image_input
+    return model.test_records

@@ -44,9 +44,14 @@ def test_bad_setting_stops_the_engine_at_start(model_dir, fopru, message):
         start(model_dir, fopru)
 
 
+def test_llava_next_takes_rank_only(next_model_dir):
+    with pytest.raises(ValueError, match=r"fopru.strategy must be 'rank' for LLaVA-NeXT"):
+        start(next_model_dir, {"keep": 144, "strategy": "row"}, **cases.NEXT_ENGINE)
+
+
 def test_unsupported_architecture_is_refused(text_model_dir):
     with pytest.raises(ValueError, match=r"fopru: the FoPru plugin does not support architecture 'LlamaForCausalLM'; "
-                                         r"supported: 'LlavaForConditionalGeneration'"):
+                                         r"supported: 'LlavaForConditionalGeneration', 'LlavaNextForConditionalGeneration'"):
         start(text_model_dir, {"keep": 144})
 
 

@@ -93,7 +93,8 @@ def test_greedy_output_equals_transformers_apply_fopru(pruned, hf_model):
     args = {k: v for k, v in settings.items() if k in ("keep", "ratio", "strategy", "score", "kind")}
     handle = apply_fopru(model, **args)
     try:
-        expected = [cases.transformers_generate(model, processor, r, handle) for r in cases.requests()]
+        expected = [{**cases.transformers_generate(model, processor, r, handle), "idx": handle.last_idx}
+                    for r in cases.requests()]
     finally:
         remove_fopru(model)
     # vLLM's and transformers' CLIP round differently: the kept tokens are comparable only where the

@@ -20,6 +20,9 @@ import importlib
 # Architecture name -> "module:Class" of the subclass that prunes when the config asks for it.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "fopru_kernels.integrations.vllm.llava:FoPruLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": (
+        "fopru_kernels.integrations.vllm.llava_next:FoPruLlavaNextForConditionalGeneration"
+    ),
 }
 
 

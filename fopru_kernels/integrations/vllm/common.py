@@ -24,7 +24,8 @@ from ..settings import FoPruSettings
 class PrunePlan:
     """A model's FoPru settings resolved against its config: `keep` tokens of each image's
     `patches` (grid `grid`), scored in the built encoder layer `layer_index`, whose sequence starts
-    with `num_prefix` non-patch tokens (CLIP's CLS)."""
+    with `num_prefix` non-patch tokens (CLIP's CLS). For models whose images vary in size (LLaVA-NeXT)
+    these describe one crop, and `settings.budget` gives each image's count."""
 
     settings: FoPruSettings
     keep: int
@@ -54,10 +55,11 @@ def scored_layer_index(layer: int, num_layers: int, built: int) -> int:
 class QKVCapture:
     """Forward hook on a vLLM attention layer's fused `qkv_proj` (a QKVParallelLinear returning
     (qkv, bias)): after each forward, `q` and `k` are (B, S, H, d) views of this rank's heads
-    (`layout="bshd"`). `split` is True when tensor parallelism gave other heads to other ranks."""
+    (`layout="bshd"`); `scale` is the layer's softmax scale. `split` is True when tensor parallelism
+    gave other heads to other ranks."""
 
-    def __init__(self, qkv_proj: nn.Module):
-        self.heads, self.head_dim = qkv_proj.num_heads, qkv_proj.head_size
+    def __init__(self, qkv_proj: nn.Module, scale: float):
+        self.heads, self.head_dim, self.scale = qkv_proj.num_heads, qkv_proj.head_size, scale
         if qkv_proj.num_kv_heads != self.heads:
             raise ValueError(
                 f"FoPru scores q against k of the same heads; this layer has {self.heads} query and "
@@ -86,6 +88,28 @@ class QKVCapture:
         self.q = self.k = None
 
 
+def significance(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: PrunePlan,
+    scale: float,
+    group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """(B, N) int64 significance of the layer's patch tokens from q, k (B, S, H, d) of this rank's heads.
+
+    group: None when this rank holds every head; else the process group the heads are split over
+    (vLLM's TP group): each rank's partial sums are all-reduced there (int64, exact) before the focal
+    choice, so every rank gets the significance one rank with all heads computes.
+    """
+    s = plan.settings
+    args = dict(score=s.score, num_prefix=plan.num_prefix, scale=scale, kind=s.kind, layout="bshd", backend=s.backend)
+    if group is None:
+        return fopru.significance_qk(q, k, **args)
+    parts = fopru.significance_qk_parts(q, k, **args)
+    torch.distributed.all_reduce(parts, group=group)
+    return fopru.significance_from_parts(parts, backend=s.backend)
+
+
 def prune_patches(
     tokens: torch.Tensor,
     q: torch.Tensor,
@@ -96,22 +120,16 @@ def prune_patches(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keeps plan.keep of each image's patch tokens, scored from the layer's q and k.
 
-    tokens (B, N, D) patch features; q, k (B, S, H, d) of this rank's heads, S = num_prefix + N.
-    group: None when this rank holds every head; else the process group the heads are split over
-    (vLLM's TP group): the partial significances are all-reduced there (int64, exact), so every rank
-    keeps the same tokens as one rank with all heads. Returns pruned (B, keep, D), idx (B, keep) int64.
+    tokens (B, N, D) patch features; q, k (B, S, H, d) of this rank's heads, S = num_prefix + N;
+    group as in `significance`. Returns pruned (B, keep, D) and idx (B, keep) int64, the same on every rank.
     """
     s = plan.settings
-    if group is None:
+    if group is None:  # one fused op
         return fopru.prune_tokens_qk(
             tokens, q, k, plan.keep, strategy=s.strategy, score=s.score, num_prefix=plan.num_prefix,
             grid=plan.grid, scale=scale, kind=s.kind, layout="bshd", backend=s.backend,
         )
-    parts = fopru.significance_qk_parts(
-        q, k, score=s.score, num_prefix=plan.num_prefix, scale=scale, kind=s.kind, layout="bshd", backend=s.backend
-    )
-    torch.distributed.all_reduce(parts, group=group)
-    sig = fopru.significance_from_parts(parts, backend=s.backend)
+    sig = significance(q, k, plan, scale, group)
     idx = fopru.select(sig, plan.keep, strategy=s.strategy, grid=plan.grid, backend=s.backend)
     return gather_rows(tokens, idx), idx
 

@@ -25,22 +25,18 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import get_layer_index
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..settings import parse_settings
+from ..settings import FoPruSettings, parse_settings
 from .common import PrunePlan, QKVCapture, check_backend, prune_patches, scored_layer_index
 
 
-def llava_plan(hf_config) -> PrunePlan | None:
-    """The prune plan of a LLaVA config (None without a `fopru` key); ValueError naming the key for
-    a bad setting or a LLaVA variant FoPru does not handle here."""
-    raw = getattr(hf_config, "fopru", None)
-    if raw is None:
-        return None
-    settings = parse_settings(raw)
+def clip_tower_plan(hf_config, settings: FoPruSettings, keep) -> PrunePlan:
+    """The plan of a LLaVA-family config (LLaVA-1.5, LLaVA-NeXT): a CLIP tower whose CLS token is
+    dropped before the projector, one vision feature layer. keep(patches, grid) -> kept count of one
+    image (or crop). ValueError naming the key for a bad setting or a variant FoPru does not handle."""
     vision = hf_config.vision_config
     if not isinstance(vision, CLIPVisionConfig):
         raise ValueError(
-            "fopru: LlavaForConditionalGeneration is supported with a CLIP vision tower (LLaVA-1.5), "
-            f"got a {type(vision).__name__}"
+            f"fopru: {type(hf_config).__name__} is supported with a CLIP vision tower, got a {type(vision).__name__}"
         )
     if hf_config.vision_feature_select_strategy != "default":
         raise ValueError(
@@ -55,7 +51,28 @@ def llava_plan(hf_config) -> PrunePlan | None:
     index = scored_layer_index(layer, num_layers, get_layer_index(feature_layer, num_layers))
     side = vision.image_size // vision.patch_size
     grid = (side, side)
-    return PrunePlan(settings, settings.kept_count(side * side, grid), side * side, grid, 1, index)
+    return PrunePlan(settings, keep(side * side, grid), side * side, grid, 1, index)
+
+
+def llava_plan(hf_config) -> PrunePlan | None:
+    """The prune plan of a LLaVA-1.5 config (None without a `fopru` key): every image keeps K."""
+    raw = getattr(hf_config, "fopru", None)
+    if raw is None:
+        return None
+    settings = parse_settings(raw)
+    return clip_tower_plan(hf_config, settings, settings.kept_count)
+
+
+def capture_scored_layer(model, plan: PrunePlan, device) -> QKVCapture:
+    """Checks the backend for the model's device and hooks the scored CLIP layer's qkv projection."""
+    check_backend(plan.settings, torch.device(device))
+    attn = model.vision_tower.vision_model.encoder.layers[plan.layer_index].self_attn
+    return QKVCapture(attn.qkv_proj, attn.scale)
+
+
+def tp_group(capture: QKVCapture):
+    """The process group the scored layer's heads are split over (vLLM's TP group), or None."""
+    return get_tp_group().device_group if capture.split else None
 
 
 class FoPruLlavaProcessingInfo(LlavaProcessingInfo):
@@ -99,17 +116,13 @@ class FoPruLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.fopru_last_idx: torch.Tensor | None = None
         if self.fopru is None:
             return
-        check_backend(self.fopru.settings, torch.device(vllm_config.device_config.device))
-        attn = self.vision_tower.vision_model.encoder.layers[self.fopru.layer_index].self_attn
-        self.fopru_scale = attn.scale
-        self.fopru_capture = QKVCapture(attn.qkv_proj)
+        self.fopru_capture = capture_scored_layer(self, self.fopru, vllm_config.device_config.device)
 
     def _image_pixels_to_features(self, vision_tower, pixel_values):
         features = super()._image_pixels_to_features(vision_tower, pixel_values)
         if self.fopru is None:
             return features
         q, k = self.fopru_capture.take()
-        group = get_tp_group().device_group if self.fopru_capture.split else None
-        pruned, idx = prune_patches(features, q, k, self.fopru, self.fopru_scale, group)
+        pruned, idx = prune_patches(features, q, k, self.fopru, self.fopru_capture.scale, tp_group(self.fopru_capture))
         self.fopru_last_idx = idx
         return pruned

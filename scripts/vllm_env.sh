@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-vllm}
 PY311=${PYTHON311:-python3.11}
-PY="$VENV/bin/python"
+PY="$VENV/bin/python"  # made absolute below, once the venv exists
 
 if [ ! -f "$VENV/.vllm-ready" ]; then
   rm -rf "$VENV"
@@ -26,10 +26,12 @@ if [ ! -f "$VENV/.vllm-ready" ]; then
   touch "$VENV/.vllm-ready"
 fi
 
+PY="$(cd "$VENV" && pwd)/bin/python"
+
 # This package: copy the working tree (tracked and untracked-but-not-ignored files), keep VENV/src/build
 # so ninja recompiles only what changed, and install it non-editable with the venv's torch.
 mkdir -p "$VENV/src"
 rm -rf "$VENV/src/fopru_kernels" "$VENV/src/csrc"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$VENV/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$VENV/src"
 FOPRU_BUILD_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps "$VENV/src"
-(cd /tmp && "$OLDPWD/$PY" -c "import fopru_kernels as f; assert f.HAS_LIBRARY, f.ops.LIBRARY_ERROR; print('fopru_kernels', f.__file__)")
+(cd /tmp && "$PY" -c "import fopru_kernels as f; assert f.HAS_LIBRARY, f.ops.LIBRARY_ERROR; print('fopru_kernels', f.__file__)")

@@ -1,6 +1,8 @@
 # The README's commands. Each target sets up what it needs from nothing: venv, PyTorch, Triton, build.
 #   make demo   prune a LLaVA-1.5-shaped batch, show the kept tokens and time every backend
 #   make test   build, run the test suite (Triton kernels under TRITON_INTERPRET=1) and the CMake/ctest build
+#   make triton-compile-check   compile every Triton kernel the GPU path launches, for sm_90, with the
+#               venv's Triton and the GPU host's (no GPU needed)
 #   make test-vllm  vLLM's CPU build in .venv-vllm with this package built against its torch, then tests/vllm_plugin
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +12,7 @@ TORCH_VERSION ?= 2.14.1
 export MAX_JOBS ?= 2
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: demo test pytest build cmake-test bench clean test-vllm
+.PHONY: demo test pytest build cmake-test bench clean triton-compile-check test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +54,22 @@ test: pytest cmake-test
 test-vllm:
 	bash scripts/vllm_env.sh .venv-vllm
 	cd tests/vllm_plugin && ../../.venv-vllm/bin/python -m pytest -q .
+
+# scripts/triton_compile_check.py with the venv's Triton, then with the GPU host's Triton
+# (TRITON_GPU_HOST), installed into a directory of its own and put first on PYTHONPATH, never into
+# the venv. TRITON_COMPILE_ARCH=80 checks sm_80 instead of sm_90.
+TRITON_GPU_HOST ?= 3.6.0
+TRITON_COMPILE_ARCH ?= 90
+TRITON_SIDE := .triton-$(TRITON_GPU_HOST)
+
+$(TRITON_SIDE)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(TRITON_SIDE) "triton==$(TRITON_GPU_HOST)"
+	touch $@
+
+triton-compile-check: $(VENV)/.installed $(TRITON_SIDE)/.installed
+	$(PY) scripts/triton_compile_check.py --arch $(TRITON_COMPILE_ARCH)
+	PYTHONPATH=$(TRITON_SIDE) $(PY) scripts/triton_compile_check.py --arch $(TRITON_COMPILE_ARCH) \
+		--expect-triton $(TRITON_GPU_HOST)
 
 bench: build
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks --benchmark-only

@@ -77,7 +77,7 @@ def _extensions():
             "fopru_kernels._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)),
             include_dirs=[CSRC] + _nvidia_include_dirs(),
-            extra_compile_args={"cxx": cxx + ["-DFOPRU_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
     ]

@@ -1,5 +1,6 @@
-"""Fixtures of the pytest-benchmark suite: cached inputs, round counts sized to a time budget, and
-the GB/s record. Nothing here touches the GPU at import or collection time."""
+"""Fixtures of the pytest-benchmark suite: cached inputs with the reference's result on them, round
+counts sized to a time budget, and the GB/s record. Nothing here touches the GPU at import or
+collection time."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,10 @@ import time
 import pytest
 import torch
 
-from fopru_kernels.bench import BenchCase, cache_bytes, make_inputs, rotation_count
+from fopru_kernels import reference
+
+from .prune_cases import BenchCase, make_inputs
+from .timing import cache_bytes, rotation_count
 
 CPU_CASE_BUDGET_S = 1.0  # timed work per CPU case; the slowest cases run MIN_ROUNDS rounds regardless
 GPU_CASE_BUDGET_S = 0.2
@@ -22,19 +26,29 @@ class InputCache:
     def __init__(self):
         self.key = None
         self.sets = None
+        self.want = None
 
     def get(
         self, case: BenchCase, device: torch.device, attn_dtype: torch.dtype, token_dtype: torch.dtype
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         key = (case, device, attn_dtype, token_dtype)
         if key != self.key:
-            self.key, self.sets = None, None  # free the last shape before building the next
-            # A few sets suffice to spill a CPU cache; L2-sized GPU sets need up to bench's 128.
+            self.key, self.sets, self.want = None, None, None  # free the last shape before building the next
+            # A few sets suffice to spill a CPU cache; L2-sized GPU sets need up to the report's 128.
             cap = 16 if device.type == "cpu" else 128
             n = rotation_count(case.set_bytes(attn_dtype, token_dtype), cache_bytes(device), cap=cap)
             self.sets = [make_inputs(case, device, attn_dtype, token_dtype, seed) for seed in range(n)]
             self.key = key
         return self.sets
+
+    def expected(self, case: BenchCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference's (pruned, idx, sig) on the first set of the shape `get` built last."""
+        if self.want is None:
+            tokens, attn = self.sets[0]
+            sig = reference.significance(attn, case.score, case.num_prefix)
+            idx = reference.select(sig, case.keep)
+            self.want = (reference.gather_rows(tokens, idx), idx, sig)
+        return self.want
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,11 @@
 tokens, strategy 'rank') at B = 1, 8, 32, scored from the CLS row (attn (B, 16, 1, 577)) and from
 full maps ('focal', attn (B, 16, 577, 577)). Fused backends missing from this install skip, and so
 does every GPU case on a machine without one. extra_info holds GB/s of the minimal traffic.
+
+Before timing, each case checks that what it times does the job the comparison assumes: the fused
+backends return the reference's tokens and indices bit for bit, the float baselines keep the
+reference's tokens (near-ties aside), and the traffic counts the real tensors. With
+`--benchmark-disable` the suite is a smoke test of exactly that.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import pytest
 import torch
 
 import fopru_kernels
-from fopru_kernels.bench import FUSED, BenchCase, runner
+
+from .baselines import same_kept
+from .prune_cases import FUSED, BenchCase, runner
 
 # CPU encoders run in float32, GPU ones in half precision; tokens are fp16 on both.
 ATTN_DTYPE = {"cpu": torch.float32, "cuda": torch.float16}
@@ -44,5 +51,13 @@ def test_prune_tokens(run_benchmark, input_cache, device, score, batch, impl):
     case = BenchCase("LLaVA-1.5", score, batch)
     sets = input_cache.get(case, dev, ATTN_DTYPE[device], TOKEN_DTYPE)
     traffic = case.traffic_bytes(ATTN_DTYPE[device], TOKEN_DTYPE)
+    call = runner(impl, case)
     with torch.no_grad():
-        run_benchmark(runner(impl, case), sets, dev, traffic)
+        pruned, idx = call(*sets[0])
+        want_pruned, want_idx, sig = input_cache.expected(case)
+        if impl in FUSED:
+            assert torch.equal(idx, want_idx) and torch.equal(pruned, want_pruned)
+        elif impl != "reference":
+            assert same_kept(idx, want_idx, sig), f"{impl} keeps other tokens than the reference"
+        assert traffic == sets[0][1].nbytes + 2 * pruned.nbytes  # attention read once, kept rows read + written
+        run_benchmark(call, sets, dev, traffic)

@@ -5,8 +5,13 @@ S=577, d=64, D=1024, keep=144, q/k (B, H, S, d)) per fused backend against the f
 (reference_qk.py, which materialises each image's H x S x S map). Ragged batches: 8 images of
 256 to 2304 patches (6144 tokens, D=1024, a quarter kept) in one prune_tokens_varlen call against
 the loop over images an engine runs today (one dense select + gather per image). The GPU report
-of the same (against SDPA, TTFT) is `python -m fopru_kernels serving`. extra_info holds GB/s of
+of the same (against SDPA, TTFT) is `python -m benchmarks.serving`. extra_info holds GB/s of
 the minimal traffic (q and k read once, kept rows read and written).
+
+Before timing, each case checks that what it times does the job the comparison assumes: the q/k
+op's significance is the oracle's within float rounding and its selection and gather are exact on
+it; the ragged op and the per-image loop return the reference's rows bit for bit; the traffic
+counts the real tensors. With `--benchmark-disable` the suite is a smoke test of exactly that.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import torch
 
 import fopru_kernels
 from fopru_kernels import reference, reference_qk
+from fopru_kernels.reference import FX_SCALE
 
 QK_IMPLS = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton")}
 QK_VARIANTS = (("cls", "prob"), ("focal", "logit"), ("received", "prob"))
@@ -62,6 +68,15 @@ def test_prune_tokens_qk(run_benchmark, device, score, kind, batch, impl):
             return fopru_kernels.prune_tokens_qk(t, q, k, KEEP, score=score, kind=kind, backend=impl)
     traffic = 2 * sets[0][1].nbytes + 2 * batch * KEEP * D * 2
     with torch.no_grad():
+        tokens, q, k = sets[0]
+        pruned, idx = call(tokens, q, k)
+        assert torch.equal(pruned, reference.gather_rows(tokens, idx))
+        if impl != "reference":
+            sig = fopru_kernels.significance_qk(q, k, score=score, kind=kind, backend=impl)
+            oracle = reference_qk.significance_qk(q, k, score=score, kind=kind)
+            assert float((sig - oracle).abs().max()) / FX_SCALE < 1e-3  # float32 rounding, not another score
+            assert torch.equal(idx, reference.select(sig, KEEP))
+        assert traffic == q.nbytes + k.nbytes + 2 * pruned.nbytes  # q and k read once, kept rows read + written
         run_benchmark(call, sets, dev, traffic)
 
 
@@ -97,12 +112,18 @@ def test_prune_tokens_varlen(run_benchmark, device, strategy, impl):
             outs = []
             for b, g in enumerate(VARLEN_GRIDS):
                 seg = slice(bounds[b], bounds[b + 1])
-                idx = fopru_kernels.select(sig[None, seg], keep[b], strategy, (g, g))
+                idx = fopru_kernels.select(sig[None, seg], keep[b], strategy=strategy, grid=(g, g))
                 outs.append(reference.gather_rows(tokens[None, seg], idx)[0])
             return torch.cat(outs)
     else:
         def call(tokens, sig, cu):
-            return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=impl)
+            return fopru_kernels.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=impl)
     traffic = sets[0][1].nbytes + 2 * sum(keep) * D * 2
     with torch.no_grad():
+        tokens, sig, cu = sets[0]
+        pruned = call(tokens, sig, cu)
+        pruned = pruned if impl == "loop" else pruned[0]
+        want = reference.prune_tokens_varlen(tokens.cpu(), sig.cpu(), cu.cpu(), keep, strategy, grids)[0]
+        assert torch.equal(pruned.cpu(), want)
+        assert traffic == sig.nbytes + 2 * pruned.nbytes  # sig read once, kept rows read + written
         run_benchmark(call, sets, dev, traffic)

@@ -6,11 +6,13 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <charconv>
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace fopru {
 namespace {
@@ -138,6 +140,41 @@ void check_qk_size(int64_t h, int64_t width) {
   }
 }
 
+// q: a `dims`-D float tensor of `shape`; k: q's shape, dtype and device.
+void check_q_k(const at::Tensor& q, const at::Tensor& k, int64_t dims, const char* shape) {
+  if (q.dim() != dims) fail("q must be ", dims, "-D ", shape, ", got ", q.dim(), "-D");
+  const auto t = q.scalar_type();
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
+    fail("q must be float16, bfloat16 or float32, got ", dtype_name(t));
+  }
+  if (k.sizes() != q.sizes()) fail("k must have q's shape ", py_seq(q.sizes(), true), ", got ", py_seq(k.sizes(), true));
+  if (k.scalar_type() != t) fail("k must have q's dtype ", dtype_name(t), ", got ", dtype_name(k.scalar_type()));
+  if (k.device() != q.device()) {
+    fail("k must be on q's device (", device_name(q.device()), "), got ", device_name(k.device()));
+  }
+}
+
+void check_scale(std::optional<double> scale) {
+  if (scale.has_value() && (!std::isfinite(*scale) || *scale == 0.0)) {
+    fail("scale must be a finite nonzero float or None, got ", py_float(*scale));
+  }
+}
+
+// lse: absent, or (kind "prob" only) a float32 tensor of shape `want` (named `names`) on q's device.
+void check_lse(const std::optional<at::Tensor>& lse, std::string_view kind, const at::Tensor& q, const char* names,
+               at::IntArrayRef want) {
+  if (!lse.has_value()) return;
+  if (kind != "prob") fail("lse is only used with kind='prob'; pass lse=None for kind='logit'");
+  const at::Tensor& l = *lse;
+  if (l.scalar_type() != at::kFloat || l.sizes() != want) {
+    fail("lse must be a float32 tensor of shape ", names, " = ", py_seq(want, true), ", got ",
+         dtype_name(l.scalar_type()), " ", py_seq(l.sizes(), true));
+  }
+  if (l.device() != q.device()) {
+    fail("lse must be on q's device (", device_name(q.device()), "), got ", device_name(l.device()));
+  }
+}
+
 }  // namespace
 
 SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64_t num_prefix) {
@@ -159,7 +196,7 @@ SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64
          s, ", got ", q);
   }
   check_size(h, s, num_prefix, sc, 1);
-  return SigArgs{b, h, q, s, num_prefix, s - num_prefix, sc};
+  return SigArgs{b, h, s, num_prefix, s - num_prefix, sc};
 }
 
 SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view strategy,
@@ -194,17 +231,7 @@ QkArgs check_significance_qk(const at::Tensor& q, const at::Tensor& k, std::stri
                              std::string_view layout) {
   if (layout != "bhsd" && layout != "bshd") fail("layout must be 'bhsd' or 'bshd', got '", layout, "'");
   const bool bshd = layout == "bshd";
-  const char* dims = bshd ? "(B, S, H, d)" : "(B, H, S, d)";
-  if (q.dim() != 4) fail("q must be 4-D ", dims, ", got ", q.dim(), "-D");
-  const auto t = q.scalar_type();
-  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
-    fail("q must be float16, bfloat16 or float32, got ", dtype_name(t));
-  }
-  if (k.sizes() != q.sizes()) fail("k must have q's shape ", py_seq(q.sizes(), true), ", got ", py_seq(k.sizes(), true));
-  if (k.scalar_type() != t) fail("k must have q's dtype ", dtype_name(t), ", got ", dtype_name(k.scalar_type()));
-  if (k.device() != q.device()) {
-    fail("k must be on q's device (", device_name(q.device()), "), got ", device_name(k.device()));
-  }
+  check_q_k(q, k, 4, bshd ? "(B, S, H, d)" : "(B, H, S, d)");
   const Score sc = parse_score(score);
   if (kind != "prob" && kind != "logit") fail("kind must be 'prob' or 'logit', got '", kind, "'");
   const int hd = bshd ? 2 : 1, sd = bshd ? 1 : 2;
@@ -214,21 +241,8 @@ QkArgs check_significance_qk(const at::Tensor& q, const at::Tensor& k, std::stri
     fail("num_prefix must be in [0, S) = [0, ", s, ") with S = ", s, " tokens in q, got ", num_prefix);
   }
   if (sc == Score::kCls && num_prefix < 1) fail("score='cls' needs num_prefix >= 1 (the CLS token), got 0");
-  if (scale.has_value() && (!std::isfinite(*scale) || *scale == 0.0)) {
-    fail("scale must be a finite nonzero float or None, got ", py_float(*scale));
-  }
-  if (lse.has_value()) {
-    if (kind != "prob") fail("lse is only used with kind='prob'; pass lse=None for kind='logit'");
-    const at::Tensor& l = *lse;
-    const std::array<int64_t, 3> want{b, h, s};
-    if (l.scalar_type() != at::kFloat || l.sizes() != at::IntArrayRef(want)) {
-      fail("lse must be a float32 tensor of shape (B, H, S) = ", py_seq(want, true), ", got ",
-           dtype_name(l.scalar_type()), " ", py_seq(l.sizes(), true));
-    }
-    if (l.device() != q.device()) {
-      fail("lse must be on q's device (", device_name(q.device()), "), got ", device_name(l.device()));
-    }
-  }
+  check_scale(scale);
+  check_lse(lse, kind, q, "(B, H, S)", std::array<int64_t, 3>{b, h, s});
   check_qk_size(h, 1);
   QkArgs a{};
   a.B = b;
@@ -273,6 +287,13 @@ PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const 
   return PruneQkArgs{qa, se, tokens.size(2)};
 }
 
+void check_parts(const at::Tensor& parts) {
+  if (parts.dim() != 3 || parts.scalar_type() != at::kLong || (parts.size(1) != 1 && parts.size(1) != 2)) {
+    fail("parts must be a 3-D (B, C, N) int64 tensor with C = 2 (focal: column and row sums) or 1, got ",
+         dtype_name(parts.scalar_type()), " ", py_seq(parts.sizes(), true));
+  }
+}
+
 VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig, const at::Tensor& cu_seqlens,
                               at::IntArrayRef keep, std::string_view strategy, at::OptionalIntArrayRef grids) {
   check_tokens(tokens, 2, "(T, D)");
@@ -283,17 +304,24 @@ VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig, c
     fail("sig must be on the same device as tokens (", device_name(tokens.device()), "), got ",
          device_name(sig.device()));
   }
+  return check_segments(tokens, cu_seqlens, keep, strategy, grids);
+}
+
+VarlenArgs check_segments(const at::Tensor& tokens, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                          std::string_view strategy, at::OptionalIntArrayRef grids, std::string_view name,
+                          int64_t divisor) {
+  const int64_t t = tokens.size(0);
   const auto ct = cu_seqlens.scalar_type();
   if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || (ct != at::kInt && ct != at::kLong)) {
-    fail("cu_seqlens must be a 1-D (B + 1,) int32 or int64 tensor");
+    fail(name, " must be a 1-D (B + 1,) int32 or int64 tensor");
   }
   if (cu_seqlens.device() != tokens.device()) {
-    fail("cu_seqlens must be on the same device as tokens (", device_name(tokens.device()), "), got ",
+    fail(name, " must be on the same device as tokens (", device_name(tokens.device()), "), got ",
          device_name(cu_seqlens.device()));
   }
   const int64_t b = cu_seqlens.size(0) - 1;
   if (static_cast<int64_t>(keep.size()) != b) {
-    fail("keep must hold B = len(cu_seqlens) - 1 = ", b, " ints, got ", keep.size());
+    fail("keep must hold B = len(", name, ") - 1 = ", b, " ints, got ", keep.size());
   }
   for (int64_t v : keep) {
     if (v < 0) fail("keep must be >= 0 for every image, got ", py_seq(keep, false));
@@ -333,22 +361,125 @@ VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig, c
   if (!a.values_checked) return a;
   // CPU: read the offsets (no device to sync with) and check them as _checks.py does.
   const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
-  const int64_t* c = cu.const_data_ptr<int64_t>();
-  if (c[0] != 0) fail("cu_seqlens[0] must be 0, got ", c[0]);
-  if (c[b] != t) fail("cu_seqlens[B] must equal tokens.shape[0] (T) = ", t, ", got ", c[b]);
+  const int64_t* raw = cu.const_data_ptr<int64_t>();
+  std::vector<int64_t> c(raw, raw + b + 1);
+  for (int64_t& v : c) v /= divisor;  // non-negative bounds: C++ and Python division agree
+  if (c[0] != 0) fail(name, "[0] must be 0, got ", c[0]);
+  if (c[b] != t) fail(name, "[B] must equal tokens.shape[0] (T) = ", t, ", got ", c[b]);
   for (int64_t i = 0; i < b; ++i) {
     const int64_t n = c[i + 1] - c[i];
     if (n < 0) {
-      fail("cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", c[i], " > cu_seqlens[", i + 1,
-           "] = ", c[i + 1]);
+      fail(name, " must be non-decreasing, got ", name, "[", i, "] = ", c[i], " > ", name, "[", i + 1, "] = ",
+           c[i + 1]);
     }
-    if (keep[i] > n) fail("keep[", i, "] must be in [0, n] = [0, ", n, "] (n from cu_seqlens), got ", keep[i]);
+    if (keep[i] > n) fail("keep[", i, "] must be in [0, n] = [0, ", n, "] (n from ", name, "), got ", keep[i]);
     if (grids.has_value() && (*grids)[2 * i] * (*grids)[2 * i + 1] != n) {
       fail("grids[", i, "] = (", (*grids)[2 * i], ", ", (*grids)[2 * i + 1], ") must have rows * cols == n = ", n,
-           " (n from cu_seqlens)");
+           " (n from ", name, ")");
     }
   }
   return a;
+}
+
+namespace {
+
+// A merged token's score sums H * group values of |fx| <= 2^36; a row score W' of them.
+void check_qk_varlen_size(int64_t h, int64_t group, int64_t width) {
+  const double terms_d = static_cast<double>(h) * group * width;
+  const int64_t terms = h * group * width;
+  if (terms_d > static_cast<double>(kMaxTerms) || terms > kMaxTerms) {
+    fail("q has too many heads for exact int64 sums: H * group * W' = ", h, " * ", group, " * ", width, " = ", terms,
+         " exceeds 2^26");
+  }
+}
+
+}  // namespace
+
+QkVarlenArgs check_significance_qk_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
+                                          std::string_view score, std::optional<double> scale,
+                                          const std::optional<at::Tensor>& lse, std::string_view kind,
+                                          int64_t group) {
+  check_q_k(q, k, 3, "(T, H, d)");
+  if (score != "focal" && score != "received") {
+    fail("score must be 'focal' or 'received' (packed segments have no CLS token), got '", score, "'");
+  }
+  if (kind != "prob" && kind != "logit") fail("kind must be 'prob' or 'logit', got '", kind, "'");
+  const int64_t t = q.size(0), h = q.size(1), d = q.size(2);
+  if (h < 1) fail("q must have at least one head: q.shape[1] (H) must be >= 1, got 0");
+  if (d < 1) fail("q's head dim d must be >= 1, got 0");
+  check_scale(scale);
+  if (group < 1) fail("group must be an int >= 1, got ", group);
+  if (t % group != 0) fail("q.shape[0] (T) = ", t, " must be a multiple of group = ", group);
+  const auto ct = cu_seqlens.scalar_type();
+  if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || (ct != at::kInt && ct != at::kLong)) {
+    fail("cu_seqlens must be a 1-D (S + 1,) int32 or int64 tensor");
+  }
+  if (cu_seqlens.device() != q.device()) {
+    fail("cu_seqlens must be on q's device (", device_name(q.device()), "), got ", device_name(cu_seqlens.device()));
+  }
+  check_lse(lse, kind, q, "(H, T)", std::array<int64_t, 2>{h, t});
+  check_qk_varlen_size(h, group, 1);
+  QkVarlenArgs a{};
+  a.T = t;
+  a.H = h;
+  a.d = d;
+  a.S = cu_seqlens.size(0) - 1;
+  a.group = group;
+  a.received = score == "received";
+  a.prob = kind == "prob";
+  a.has_lse = lse.has_value();
+  a.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+  a.q_st = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.q_sd = q.stride(2);
+  a.k_st = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_sd = k.stride(2);
+  a.lse_sh = a.has_lse ? lse->stride(0) : 0;
+  a.lse_st = a.has_lse ? lse->stride(1) : 0;
+  a.values_checked = q.device().is_cpu();
+  if (!a.values_checked) return a;
+  // CPU: the attention segments, as _checks.check_attention_segments does.
+  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* c = cu.const_data_ptr<int64_t>();
+  if (c[0] != 0) fail("cu_seqlens[0] must be 0, got ", c[0]);
+  if (c[a.S] != t) fail("cu_seqlens[S] must equal q.shape[0] (T) = ", t, ", got ", c[a.S]);
+  for (int64_t i = 0; i < a.S; ++i) {
+    const int64_t n = c[i + 1] - c[i];
+    if (n < 0) {
+      fail("cu_seqlens must be non-decreasing, got cu_seqlens[", i, "] = ", c[i], " > cu_seqlens[", i + 1, "] = ",
+           c[i + 1]);
+    }
+    if (n % group != 0) {
+      fail("segment ", i, " has n = ", n, " tokens (from cu_seqlens), not a multiple of group = ", group);
+    }
+  }
+  return a;
+}
+
+PruneQkVarlenArgs check_prune_qk_varlen(const at::Tensor& tokens, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                                        std::string_view strategy, std::string_view score,
+                                        std::optional<double> scale, const std::optional<at::Tensor>& lse,
+                                        std::string_view kind, int64_t group,
+                                        const std::optional<at::Tensor>& cu_seqlens_select,
+                                        at::OptionalIntArrayRef grids) {
+  check_tokens(tokens, 2, "(T / group, D)");
+  QkVarlenArgs qa = check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group);
+  if (q.device() != tokens.device()) {
+    fail("q must be on the same device as tokens (", device_name(tokens.device()), "), got ", device_name(q.device()));
+  }
+  const int64_t m = qa.T / group;
+  if (tokens.size(0) != m) {
+    fail("tokens.shape[0] must equal q.shape[0] / group = ", qa.T, " / ", group, " = ", m, ", got ", tokens.size(0));
+  }
+  VarlenArgs sel = cu_seqlens_select.has_value()
+                       ? check_segments(tokens, *cu_seqlens_select, keep, strategy, grids, "cu_seqlens_select")
+                       : check_segments(tokens, cu_seqlens, keep, strategy, grids, "cu_seqlens / group", group);
+  int64_t width = 1;
+  for (int64_t c : sel.cols) width = std::max(width, c);
+  check_qk_varlen_size(qa.H, group, width);
+  return PruneQkVarlenArgs{qa, sel};
 }
 
 }  // namespace fopru
@@ -370,6 +501,19 @@ TORCH_LIBRARY(fopru, m) {
   m.def(
       "prune_tokens_varlen(Tensor tokens, Tensor sig, Tensor cu_seqlens, int[] keep, str strategy=\"rank\", "
       "int[]? grids=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "significance_qk_parts(Tensor q, Tensor k, str score=\"focal\", int num_prefix=1, float? scale=None, "
+      "Tensor? lse=None, str kind=\"prob\", str layout=\"bhsd\") -> Tensor");
+  m.def("significance_from_parts(Tensor parts) -> Tensor");
+  // Interim: no kernel registers these two yet; fopru_kernels/ops.py serves them with the
+  // float64 reference on CPU and CUDA tensors until the kernels land.
+  m.def(
+      "significance_qk_varlen(Tensor q, Tensor k, Tensor cu_seqlens, str score=\"focal\", float? scale=None, "
+      "Tensor? lse=None, str kind=\"prob\", int group=1) -> Tensor");
+  m.def(
+      "prune_tokens_qk_varlen(Tensor tokens, Tensor q, Tensor k, Tensor cu_seqlens, int[] keep, "
+      "str strategy=\"rank\", str score=\"focal\", float? scale=None, Tensor? lse=None, str kind=\"prob\", "
+      "int group=1, Tensor? cu_seqlens_select=None, int[]? grids=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fopru, CPU, m) {
@@ -387,4 +531,8 @@ TORCH_LIBRARY_IMPL(fopru, Autograd, m) {
   m.impl("significance_qk", torch::CppFunction::makeFallthrough());
   m.impl("prune_tokens_qk", torch::CppFunction::makeFallthrough());
   m.impl("prune_tokens_varlen", torch::CppFunction::makeFallthrough());
+  m.impl("significance_qk_parts", torch::CppFunction::makeFallthrough());
+  m.impl("significance_from_parts", torch::CppFunction::makeFallthrough());
+  m.impl("significance_qk_varlen", torch::CppFunction::makeFallthrough());
+  m.impl("prune_tokens_qk_varlen", torch::CppFunction::makeFallthrough());
 }

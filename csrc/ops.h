@@ -13,7 +13,7 @@
 namespace fopru {
 
 struct SigArgs {
-  int64_t B, H, Q, S, P, N;
+  int64_t B, H, S, P, N;
   Score score;
 };
 
@@ -57,6 +57,27 @@ struct VarlenArgs {
   bool values_checked;
 };
 
+// significance_qk_varlen / prune_tokens_qk_varlen (SPEC.md "Packed batches from q and k"): q, k
+// (T, H, d); element (t, h, e) of q sits at q + t * q_st + h * q_sh + e * q_sd, k likewise; lse (H, T)
+// at lse + h * lse_sh + t * lse_st. cu_seqlens (S + 1,) holds the attention segments; its values were
+// checked (values_checked) only for CPU tensors: GPU kernels check them on the device.
+struct QkVarlenArgs {
+  int64_t T, H, d, S, group;  // group: tokens per merged token; outputs hold T / group scores
+  bool received;              // score == "received", else "focal"
+  bool prob;                  // kind == "prob", else "logit"
+  bool has_lse;
+  double scale;               // resolved: d ** -0.5 when None
+  int64_t q_st, q_sh, q_sd, k_st, k_sh, k_sd, lse_sh, lse_st;
+  bool values_checked;
+};
+
+// prune_tokens_qk_varlen: the scoring arguments and the selection segments (cu_seqlens_select, or
+// cu_seqlens / group when None; sel.values_checked as above).
+struct PruneQkVarlenArgs {
+  QkVarlenArgs qk;
+  VarlenArgs sel;
+};
+
 // Each raises c10::ValueError (Python ValueError) with the text of fopru_kernels/_checks.py.
 SigArgs check_significance(const at::Tensor& attn, std::string_view score, int64_t num_prefix);
 SelectArgs check_select(const at::Tensor& sig, int64_t keep, std::string_view strategy,
@@ -73,9 +94,27 @@ PruneQkArgs check_prune_qk(const at::Tensor& tokens, const at::Tensor& q, const 
                            int64_t num_prefix, at::OptionalIntArrayRef grid,
                            std::optional<double> scale, const std::optional<at::Tensor>& lse,
                            std::string_view kind, std::string_view layout);
+// significance_from_parts: parts (B, C, N) int64 with C = 2 (focal: column, row sums) or 1.
+void check_parts(const at::Tensor& parts);
 VarlenArgs check_prune_varlen(const at::Tensor& tokens, const at::Tensor& sig,
                               const at::Tensor& cu_seqlens, at::IntArrayRef keep,
                               std::string_view strategy, at::OptionalIntArrayRef grids);
+// The selection segments of a ragged batch of `tokens`: `name` (its cu_seqlens tensor, whose values
+// divided by `divisor` are the segment bounds) with the host keep / strategy / grids.
+VarlenArgs check_segments(const at::Tensor& tokens, const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                          std::string_view strategy, at::OptionalIntArrayRef grids,
+                          std::string_view name = "cu_seqlens", int64_t divisor = 1);
+QkVarlenArgs check_significance_qk_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens,
+                                          std::string_view score, std::optional<double> scale,
+                                          const std::optional<at::Tensor>& lse, std::string_view kind,
+                                          int64_t group);
+PruneQkVarlenArgs check_prune_qk_varlen(const at::Tensor& tokens, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                                        std::string_view strategy, std::string_view score,
+                                        std::optional<double> scale, const std::optional<at::Tensor>& lse,
+                                        std::string_view kind, int64_t group,
+                                        const std::optional<at::Tensor>& cu_seqlens_select,
+                                        at::OptionalIntArrayRef grids);
 
 // CPU kernels (cpu/prune_tokens.cpp); the schema's C++ signatures.
 at::Tensor significance_cpu(const at::Tensor& attn, c10::string_view score, int64_t num_prefix);

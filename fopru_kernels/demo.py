@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
 
 def ragged(tokens: torch.Tensor, attn: torch.Tensor) -> None:
     """A serving-style packed batch: image 0 whole, image 1 as its top-left 12 x 24 half, in one call."""
-    sig = ops.significance(attn, "focal")
+    sig = ops.significance(attn, score="focal")
     half = ROWS // 2 * COLS
     packed_tokens = torch.cat([tokens[0], tokens[1, :half]])
     packed_sig = torch.cat([sig[0], sig[1, :half]])

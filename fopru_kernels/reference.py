@@ -11,7 +11,9 @@ import math
 
 import torch
 
-from ._checks import check_prune, check_prune_varlen, check_select, check_significance, resolve_grid
+from ._checks import (
+    check_parts, check_prune, check_prune_varlen, check_select, check_significance, flat_grids, resolve_grid,
+)
 
 FX_SCALE = 2.0**28  # fixed-point resolution 2^-28: exact for every float16 value
 FX_CLAMP = 256.0
@@ -29,14 +31,19 @@ def fixed_point(attn: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64)
 
 
+def focal_use_col(col: list[int], row: list[int]) -> bool:
+    """SPEC.md's focal rule for one image in Python integers (exact at any size): the column sums
+    win iff N * sum(col^2) - sum(col)^2 > N * sum(row^2) - sum(row)^2 (N^2 times each vector's
+    variance); ties go to the row sums."""
+    n = len(col)
+    spread = [n * sum(x * x for x in v) - sum(v) ** 2 for v in (col, row)]
+    return spread[0] > spread[1]
+
+
 def _focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True where the column sums have the larger variance (ties go to the rows)."""
-    n = col.shape[1]
-    colf, rowf = col.double(), row.double()
-    m = colf.sum(dim=1, keepdim=True) / n
-    vc = ((colf - m) ** 2).sum(dim=1)
-    vr = ((rowf - m) ** 2).sum(dim=1)
-    return vc > vr
+    """(B,) bool: True where the column sums (B, N) int64 win the focal rule over the row sums."""
+    use_col = [focal_use_col(c, r) for c, r in zip(col.tolist(), row.tolist())]
+    return torch.tensor(use_col, dtype=torch.bool, device=col.device).reshape(col.shape[0])
 
 
 def significance_and_choice(
@@ -73,6 +80,21 @@ def significance(attn: torch.Tensor, score: str = "focal", num_prefix: int = 1) 
     Returns (B, N) int64 fixed-point sums.
     """
     return significance_and_choice(attn, score, num_prefix)[0]
+
+
+def significance_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """Significance from its parts, SPEC.md "Significance from q and k": parts (B, C, N) int64 ->
+    (B, N) int64 contiguous, parts[:, 0] for C = 1, the focal choice between parts[:, 0] (column
+    sums) and parts[:, 1] (row sums) for C = 2."""
+    check_parts(parts)
+    return _from_parts(parts)
+
+
+def _from_parts(parts: torch.Tensor) -> torch.Tensor:
+    if parts.shape[1] == 1:
+        return parts[:, 0].clone(memory_format=torch.contiguous_format)
+    col, row = parts[:, 0], parts[:, 1]
+    return torch.where(_focal_choice(col, row)[:, None], col, row).contiguous()
 
 
 def _top_in_order(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -130,7 +152,7 @@ def prune_tokens(
 
 
 def retained_count(
-    n_tokens: int, ratio: float, strategy: str = "rank", grid: tuple[int, int] | None = None
+    n_tokens: int, ratio: float, *, strategy: str = "rank", grid: tuple[int, int] | None = None
 ) -> int:
     """Tokens kept for `ratio` of `n_tokens`: rank floor(N * ratio), row floor(rows * ratio) * cols.
 
@@ -146,13 +168,24 @@ def retained_count(
     return math.floor(rows * ratio) * cols
 
 
-def positions(idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(row, col) of each kept token: idx (B, K) int64 -> (B, K, 2) int64, for 2-D / M-RoPE models."""
+def positions(
+    idx: torch.Tensor, *, grid: tuple[int, int] | None = None, n_tokens: int | None = None
+) -> torch.Tensor:
+    """(row, col) of each kept token: idx (B, K) int64 -> (B, K, 2) int64, for 2-D / M-RoPE models.
+
+    grid: (rows, cols) of the patch grid; None means square, as in every op. idx holds only the kept
+    tokens, so a square grid needs N: pass n_tokens=N (it also checks a given grid: rows * cols == N).
+    """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
         raise ValueError("idx must be a (B, K) int64 tensor")
-    rows, cols = grid
-    if rows <= 0 or cols <= 0:
-        raise ValueError(f"grid must be two positive ints (rows, cols), got {grid}")
+    if grid is None and n_tokens is None:
+        raise ValueError("positions needs grid=(rows, cols), or n_tokens=N for grid=None (a square grid of N tokens)")
+    if n_tokens is not None:
+        rows, cols = resolve_grid(n_tokens, grid, required=True)
+    elif len(grid) != 2 or any(not isinstance(v, int) or v <= 0 for v in grid):
+        raise ValueError(f"grid must be two positive ints (rows, cols), got {tuple(grid)}")
+    else:
+        rows, cols = grid
     return torch.stack((idx // cols, idx % cols), dim=-1)
 
 
@@ -187,17 +220,51 @@ def prune_tokens_varlen(
 
 
 def positions_varlen(
-    idx: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], grids: list[int]
+    idx: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], *, grids: list[tuple[int, int]] | list[int]
 ) -> torch.Tensor:
     """(row, col) of each kept token of a ragged batch: idx (T',) global -> (T', 2) int64.
 
-    keep and grids are the host lists given to prune_tokens_varlen; only cu_seqlens is read on the
-    device (no sync: the per-token image offsets are gathered there)."""
+    keep and grids are the host lists given to prune_tokens_varlen (grids: B (rows, cols) pairs or the
+    flat [rows_0, cols_0, ...]); only cu_seqlens is read on the device (no sync: the per-token image
+    offsets are gathered there)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
         raise ValueError("idx must be a (T',) int64 tensor")
+    grids = flat_grids(grids)
+    if grids is None:
+        raise ValueError("positions_varlen needs grids: B (rows, cols) pairs or [rows_0, cols_0, ...]")
     if len(grids) != 2 * len(keep) or sum(keep) != idx.shape[0]:
         raise ValueError(f"keep must sum to len(idx) = {idx.shape[0]} and grids hold 2 * len(keep) ints")
     image = torch.repeat_interleave(torch.arange(len(keep)), torch.tensor(keep, dtype=torch.int64)).to(idx.device)
     cols = torch.tensor(grids[1::2], dtype=torch.int64).to(idx.device)[image]
     local = idx - cu_seqlens.to(torch.int64)[image]
     return torch.stack((local // cols, local % cols), dim=-1)
+
+
+def mrope_positions(idx: torch.Tensor, grid_thw, merge_size: int = 2) -> torch.Tensor:
+    """(t, h, w) of each kept merged token of Qwen-VL images and videos, for M-RoPE position ids.
+
+    idx: (T',) int64 global indices into the media's merged tokens packed in the model's order (media
+    after media; within one, frame-major then row-major), as prune_tokens_varlen and
+    prune_tokens_qk_varlen return them. grid_thw: (M, 3) host ints or tensor, (temporal patches, patch
+    rows, patch cols) per image or video, as the processor's image_grid_thw / video_grid_thw. merge_size:
+    patches merged per side into one language-model token (Qwen-VL: 2).
+    Returns (3, T') int64, rows t, h, w: each token's coordinates in its media's merged grid (t = 0 for
+    images), the layout of the models' (3, L) position ids before a media's start offset (and, for
+    Qwen2.5-VL videos, its time interval on row t) is applied. No sync: only idx is read on its device.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64:
+        raise ValueError("idx must be a (T',) int64 tensor")
+    grids = torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
+    if any(t < 1 or h < 1 or w < 1 or h % merge_size or w % merge_size for t, h, w in grids):
+        raise ValueError(f"grid_thw must hold positive (t, h, w) with h and w multiples of merge_size = {merge_size}, "
+                         f"got {grids}")
+    rows = [h // merge_size for _, h, _ in grids]
+    cols = [w // merge_size for _, _, w in grids]
+    sizes = [t * r * c for (t, _, _), r, c in zip(grids, rows, cols)]
+    ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64).to(idx.device)
+    media = torch.searchsorted(ends, idx, right=True).clamp(max=max(len(grids) - 1, 0))
+    start = (ends - torch.tensor(sizes, dtype=torch.int64).to(idx.device))[media]
+    r = torch.tensor(rows, dtype=torch.int64).to(idx.device)[media]
+    c = torch.tensor(cols, dtype=torch.int64).to(idx.device)[media]
+    local = idx - start
+    return torch.stack((local // (r * c), local // c % r, local % c))

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, from the repository root of a GPU host:
-#   (a) environment  (b) build the extension in place  (c) tests/  (d) benchmark reports (the
-#   map-path ops; the q/k path, ragged batches and LLaVA end to end)  (e) compute-sanitizer memcheck
-#   + racecheck on tests/sanitizer_case*.py  (f) summary.
+#   (a) environment  (b) build the extension in place  (c) tests/: the CUDA C++ kernels (forced with
+#   backend="cuda", marker cuda_cxx), then every other GPU test (Triton, the default, reference)
+#   (d) benchmark reports: benchmarks.report (the map-path ops) and benchmarks.serving (the q/k path,
+#   ragged batches and LLaVA end to end)
+#   (e) compute-sanitizer memcheck + racecheck on scripts/sanitizer/case_*.py  (f) summary.
 #
 #   scripts/gpu_check.sh OUTDIR [--quick] [--skip STEP[,STEP...]] [--dry-run]
 #
-# Steps: env, build, tests, bench, serving, memcheck, racecheck. Each step runs under `timeout`, logs into
-# OUTDIR/gpu_check.log and goes on past failures; a step's timeout is cut so that none runs past
+# Steps: env, build, cxx, tests, bench, serving, memcheck, racecheck. Each step runs under `timeout`, logs
+# into OUTDIR/gpu_check.log and goes on past failures; a step's timeout is cut so that none runs past
 # GPU_CHECK_BUDGET_S seconds from the start (default 470: the whole run stays under 8 minutes).
-# OUTDIR receives eight files: gpu_check.log, summary.txt, junit.xml, report.md, report.json,
-# latency.png, serving.md, serving.json. Exit status 1 if a step failed or timed out.
+# OUTDIR receives nine files: gpu_check.log, summary.txt, junit_cuda_cxx.xml, junit.xml, report.md,
+# report.json, latency.png, serving.md, serving.json. summary.txt's "cuda-cxx:" line says whether the
+# CUDA C++ kernels matched the reference on every GPU test: the evidence README "Backends" asks for
+# before they become the default on CUDA tensors. Exit status 1 if a step failed or timed out.
 #   PYTHON              interpreter (default python3)
 #   GPU_CHECK_BUDGET_S  seconds for the whole run (default 470)
 #   --quick             bench --quick;  --skip build,bench  skips steps;  --dry-run logs the steps only
@@ -29,7 +33,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ -f setup.py ] && [ -d fopru_kernels ] || { echo "run from the repository root" >&2; exit 2; }
+[ -f setup.py ] && [ -d fopru_kernels ] && [ -d benchmarks ] || { echo "run from the repository root" >&2; exit 2; }
 
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -103,31 +107,60 @@ EOF
 [ -n "$NVINC" ] && export CPATH=$NVINC${CPATH:+:$CPATH}
 echo "CPATH=${CPATH:-}" >>"$LOG"
 step build 180 "FOPRU_BUILD_CUDA=1 FOPRU_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
-$PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda kernels:\", F.HAS_CUDA_KERNELS, \"backends:\", F.available_backends(\"cuda\")); assert F.HAS_CUDA_KERNELS, \"built without the CUDA kernels\"'"
+$PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda kernels:\", F.HAS_CUDA_KERNELS, \"backends:\", F.available_backends(\"cuda\"), \"default on cuda:\", F.default_backend(\"cuda\")); assert F.HAS_CUDA_KERNELS, \"built without the CUDA kernels\"'"
 
-# (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease)
+# (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease), in two
+# steps: the CUDA C++ kernels alone first (their result is the summary's cuda-cxx line), then the rest.
 PYTEST_OPTS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
 # Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
-step tests 150 "$PY -m pytest tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py tests/test_errors.py -v -p no:cacheprovider -m 'not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
+GPU_TESTS="tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_qk_varlen.py tests/test_errors.py tests/test_backends.py"
+step cxx 60 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit_cuda_cxx.xml'"
+step tests 110 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'not cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 
-# (d) benchmark reports: report.md, report.json, latency.png; serving.md, serving.json
-step bench 100 "$PY -m fopru_kernels bench --out '$OUTDIR' $QUICK"
-step serving 100 "$PY -m fopru_kernels.bench_serving --out '$OUTDIR' $QUICK"
+# (d) benchmark reports: report.md, report.json, latency.png; serving.md, serving.json. Their rows name
+# the backend; FOPRU_BACKEND=cuda keeps the CUDA C++ kernels in the dispatcher's CUDA slot so that the
+# "cuda" rows time them without the Python hop a replaced slot adds (the "triton" rows call Triton
+# directly either way; the LLaVA end-to-end row runs the slot, labelled by its kernel origin).
+step bench 100 "FOPRU_BACKEND=cuda $PY -m benchmarks.report --out '$OUTDIR' $QUICK"
+step serving 100 "FOPRU_BACKEND=cuda $PY -m benchmarks.serving --out '$OUTDIR' $QUICK"
 
 # (e) compute-sanitizer; no caching allocator, so an out-of-bounds access inside a cached block is seen
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-CASES=$(ls tests/sanitizer_case*.py 2>/dev/null | tr '\n' ' ')
+CASES=$(ls scripts/sanitizer/case_*.py 2>/dev/null | tr '\n' ' ')
 for tool in memcheck racecheck; do
     if [ -z "$CASES" ]; then
-        RESULTS+=("$tool|SKIP|0|tests/sanitizer_case*.py missing"); echo "[$tool] SKIP (no tests/sanitizer_case*.py)"; continue
+        RESULTS+=("$tool|SKIP|0|scripts/sanitizer/case_*.py missing"); echo "[$tool] SKIP (no scripts/sanitizer/case_*.py)"; continue
     fi
-    if [ ! -x "$SANITIZER" ]; then
+    if [ ! -x "$SANITIZER" ] && [ "$DRY" = 0 ]; then  # a dry run still logs the command
         RESULTS+=("$tool|SKIP|0|compute-sanitizer not found"); echo "[$tool] SKIP (no compute-sanitizer)"; continue
     fi
-    step $tool 50 "rc=0; for c in $CASES; do PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 1 $PY \$c || rc=1; done; exit \$rc"
+    # The cases force backend="cuda"; FOPRU_BACKEND=cuda runs those calls straight through the dispatcher.
+    step $tool 50 "rc=0; for c in $CASES; do FOPRU_BACKEND=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool $tool --error-exitcode 1 $PY \$c || rc=1; done; exit \$rc"
 done
+
+# pytest's count line of a step ("12 passed, 3 skipped in 40.1s"), from the log
+pytest_counts() {
+    sed -n "/^===== \[$1\]/,/^----- \[$1\]/p" "$LOG" | grep -E '(passed|failed|error|skipped).* in [0-9.]+s' | tail -n 1 |
+        tr -d '=' | sed 's/^ *//; s/ *$//'
+}
+
+# The one line that decides whether the CUDA C++ kernels may become the default (README "Backends"):
+# step cxx passed and ran at least one test, so no forced-CUDA-C++ test failed, errored or timed out.
+cuda_cxx_line() {
+    local status="not run" r name st counts
+    for r in "${RESULTS[@]}"; do
+        IFS='|' read -r name st _ _ <<<"$r"
+        [ "$name" = cxx ] && status=$st
+    done
+    counts=$(pytest_counts cxx)
+    if [ "$status" = PASS ] && [[ $counts =~ [1-9][0-9]*\ passed ]]; then
+        echo "cuda-cxx: MATCHED: the CUDA C++ kernels matched the reference on every GPU test (${counts}); README \"Backends\": flip the default where they are faster"
+    else
+        echo "cuda-cxx: NOT VERIFIED: step cxx $status (${counts:-no pytest summary}); Triton stays the default on CUDA tensors"
+    fi
+}
 
 # (f) summary
 {
@@ -137,7 +170,8 @@ done
         IFS='|' read -r name status secs note <<<"$r"
         printf '%-10s %-8s %6s  %s\n' "$name" "$status" "$secs" "$note"
     done
-    tests_line=$(sed -n '/^===== \[tests\]/,/^----- \[tests\]/p' "$LOG" | grep -E '(passed|failed|error|skipped).* in [0-9.]+s' | tail -n 1)
+    cuda_cxx_line
+    tests_line=$(pytest_counts tests)
     [ -n "$tests_line" ] && echo "tests: $tests_line"
     if [ -f "$OUTDIR/report.md" ]; then
         sed -n '/^## Targets/,/^## Results/p' "$OUTDIR/report.md" | grep '^| [a-z]' | grep -v '^| backend'

@@ -26,7 +26,7 @@ class Case:
     attn_dtype: torch.dtype = torch.float32
     tok_dtype: torch.dtype = torch.float16
     layout: str = "contiguous"  # contiguous | strided | expanded | padded
-    values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge)
+    values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge) | saturated | symmetric
     seed: int = 0
 
     @property
@@ -65,6 +65,14 @@ def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
         specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -1e6, 300.0], dtype=torch.float64)
         flat[pick] = specials[torch.randint(0, len(specials), pick.shape, generator=gen)]
         return flat.reshape(shape)
+    if c.values == "saturated":  # nearly every value clamps to 256: column and row sums all but tie
+        return x.abs() * 1e6
+    if c.values == "symmetric":  # focal near-tie: patch column sums a permutation of the row sums
+        if q != s:
+            return x
+        x = x + x.transpose(-1, -2)  # patch block symmetric: column sums = row sums
+        keys = c.P + torch.randperm(c.N, generator=gen)
+        return torch.cat([x[..., :c.P], x[..., keys]], dim=-1)  # the same shuffle of every head's keys
     raise ValueError(c.values)
 
 
@@ -98,7 +106,7 @@ def make_inputs(c: Case, device: str | torch.device = "cpu") -> tuple[torch.Tens
 
 
 def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> list[Case]:
-    """The test grid of ARCHITECTURE.md: sizes, scores, strategies, dtypes, layouts, values, keeps.
+    """The test grid every backend runs: sizes, scores, strategies, dtypes, layouts, values, keeps.
 
     small=True keeps each case cheap (interpreter runs): fewer heads, tiny D and only the CLS row
     for large N.
@@ -136,3 +144,28 @@ def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> li
                         )
                     )
     return list({c.id(): c for c in cases}.values())
+
+
+def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:
+    """One small valid call of every torch.ops.fopru op: its arguments, positional in schema order.
+    Tests of which kernel serves an op iterate over it, so an op added without an entry here fails them."""
+    tokens, attn = make_inputs(Case(B=2, N=16, H=2, D=4, keep=5, score="focal", values="logits"), device)
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, 17, 8, generator=gen).to(device) for _ in range(2))
+    sig = torch.randint(-(2**40), 2**40, (2, 16), generator=gen).to(device)
+    cu = torch.tensor([0, 6, 16], device=device)
+    pq, pk = (torch.randn(24, 2, 8, generator=gen).to(device) for _ in range(2))  # packed (T, H, d)
+    pcu = torch.tensor([0, 8, 24], device=device)
+    return {
+        "significance": (attn, "focal", 1),
+        "select": (sig, 8, "row", [4, 4]),
+        "prune_tokens": (tokens, attn, 5, "rank", "focal", 1, None),
+        "significance_qk": (q, k, "focal", 1, None, None, "logit", "bhsd"),
+        "prune_tokens_qk": (tokens, q, k, 8, "row", "received", 1, [4, 4], None, None, "prob", "bhsd"),
+        "prune_tokens_varlen": (tokens[0], sig[0], cu, [3, 4], "rank", None),
+        "significance_qk_parts": (q, k, "focal", 1, None, None, "logit", "bhsd"),
+        "significance_from_parts": (torch.stack((sig, sig.flip(1)), dim=1),),
+        "significance_qk_varlen": (pq, pk, pcu, "focal", None, None, "logit", 4),
+        "prune_tokens_qk_varlen": (tokens[0, :6], pq, pk, pcu, [2, 3], "rank", "focal", None, None, "prob", 4, None,
+                                   None),
+    }

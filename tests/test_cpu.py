@@ -14,13 +14,14 @@ pytestmark = pytest.mark.skipif(not F.HAS_LIBRARY, reason=f"compiled library abs
 def assert_matches_reference(c: Case, backend: str = "cpu") -> None:
     tokens, attn = make_inputs(c)
     want_sig = reference.significance(attn, c.score, c.P)
-    assert torch.equal(F.significance(attn, c.score, c.P, backend=backend), want_sig)
+    assert torch.equal(F.significance(attn, score=c.score, num_prefix=c.P, backend=backend), want_sig)
     want_pruned, want_idx = reference.prune_tokens(tokens, attn, c.keep, c.strategy, c.score, c.P, c.grid)
-    pruned, idx = F.prune_tokens(tokens, attn, c.keep, c.strategy, c.score, c.P, c.grid, backend=backend)
+    pruned, idx = F.prune_tokens(tokens, attn, c.keep, strategy=c.strategy, score=c.score, num_prefix=c.P, grid=c.grid,
+                                 backend=backend)
     assert torch.equal(idx, want_idx)
     assert torch.equal(pruned, want_pruned)
     assert pruned.is_contiguous() and idx.is_contiguous()
-    assert torch.equal(F.select(want_sig, c.keep, c.strategy, c.grid, backend=backend), want_idx)
+    assert torch.equal(F.select(want_sig, c.keep, strategy=c.strategy, grid=c.grid, backend=backend), want_idx)
 
 
 @pytest.mark.parametrize("c", grid_cases(), ids=Case.id)
@@ -48,7 +49,7 @@ def test_heavy_ties_all_equal():
     # Every token equal: the first `keep` indices, on every image.
     attn = torch.full((3, 2, 17, 17), 0.25)
     tokens = torch.randn(3, 16, 4)
-    pruned, idx = F.prune_tokens(tokens, attn, 5, "rank", "focal", backend="cpu")
+    pruned, idx = F.prune_tokens(tokens, attn, 5, strategy="rank", score="focal", backend="cpu")
     assert idx.tolist() == [[0, 1, 2, 3, 4]] * 3
     assert torch.equal(pruned, tokens[:, :5])
 
@@ -66,7 +67,7 @@ def test_heavy_ties_all_equal():
     attn_dtype=st.sampled_from(ATTN_DTYPES),
     tok_dtype=st.sampled_from(TOKEN_DTYPES),
     layout=st.sampled_from(["contiguous", "strided", "expanded"]),
-    values=st.sampled_from(["softmax", "logits", "quantised", "special"]),
+    values=st.sampled_from(["softmax", "logits", "quantised", "special", "saturated", "symmetric"]),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fuzz_against_reference(n_rows, n_cols, b, h, p, score, strategy, keep_frac, attn_dtype, tok_dtype, layout, values, seed):

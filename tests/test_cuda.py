@@ -1,5 +1,8 @@
-"""The CUDA C++ kernels (torch.ops.fopru.* on CUDA tensors) against the reference, bit for bit.
+"""The CUDA C++ kernels against the reference, bit for bit.
 
+They are called as fopru_kernels.<op>(..., backend="cuda"), which reaches them whatever FOPRU_BACKEND
+put in the dispatcher's CUDA slot (Triton by default; README "Backends"). Every test is marked
+cuda_cxx: scripts/gpu_check.sh reports them apart, as the evidence to make these kernels the default.
 Skipped without a GPU or when the library was built without its CUDA kernels; nothing here touches
 the GPU at import or collection time.
 """
@@ -10,10 +13,20 @@ import torch
 
 import fopru_kernels as F
 from cases import ATTN_DTYPES, Case, grid_cases, lay_out, make_inputs
+from conftest import call
 from fopru_kernels import reference
 
-pytestmark = pytest.mark.cuda
-ops = torch.ops.fopru
+pytestmark = [pytest.mark.cuda, pytest.mark.cuda_cxx]
+
+
+class _CxxOps:
+    """ops.<op>(*args in schema order), like torch.ops.fopru.<op>, but always the CUDA C++ kernel."""
+
+    def __getattr__(self, op):
+        return lambda *args: call(op, args, "cuda")
+
+
+ops = _CxxOps()
 
 # The selection falls back to keys in global memory when they do not fit in shared memory;
 # this switch forces that path so the small grid exercises it too.
@@ -206,8 +219,8 @@ def test_cuda_graph_capture_and_replay(score):
 def test_torch_compile_fullgraph():
     backend = "inductor" if importlib.util.find_spec("triton") is not None else "aot_eager"
 
-    def prune(tokens, attn):
-        return torch.ops.fopru.prune_tokens(tokens, attn, 36, "row", "focal", 1, [12, 12])
+    def prune(tokens, attn):  # traced through fopru_cxx::prune_tokens where Triton holds the CUDA slot
+        return F.prune_tokens(tokens, attn, 36, strategy="row", score="focal", grid=[12, 12], backend="cuda")
 
     c = Case(B=2, N=144, H=4, D=64, keep=36, strategy="row", score="focal", grid=(12, 12))
     tokens, attn = make_inputs(c)
@@ -260,7 +273,7 @@ def _a(b=2, h=2, q=17, s=17, dtype=torch.float32):
         ),
         (lambda: ops.prune_tokens(_t(n=17), _a(q=1), 2, "rank", "cls", 0, None), r"score='cls' needs num_prefix >= 1"),
         (lambda: ops.prune_tokens(_t(), _a(q=1), 2, "rank", "received", 1, None), r"score='received' needs a square map"),
-        (lambda: ops.prune_tokens(_t().cpu(), _a(), 2, "rank", "focal", 1, None), r"attn must be on the same device as tokens \(cpu\), got cuda"),
+        (lambda: ops.prune_tokens(_t(), _a().cpu(), 2, "rank", "focal", 1, None), r"attn must be on the same device as tokens \(cuda:0\), got cpu"),
         (lambda: ops.prune_tokens(_t(), _a(b=3), 2, "rank", "focal", 1, None), r"attn.shape\[0\] \(B\) must equal tokens.shape\[0\] = 2, got 3"),
         (lambda: ops.prune_tokens(_t(), _a(), 2, "rank", "focal", 1, [3, 3]), r"grid must be \(rows, cols\)"),
         (lambda: ops.significance(_a(dtype=torch.float32).int(), "focal", 1), r"attn must be float16, bfloat16, float32 or float64, got int32"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fopru_kernels as F
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends
 
 BIG = 2**16  # heads in the size-limit cases: expanded views, so nothing is allocated
 
@@ -78,11 +78,11 @@ def test_prune_tokens_errors(name, backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_significance_and_select_errors(backend):
     with pytest.raises(ValueError, match=r"score='received' needs a square map"):
-        F.significance(_a(q=1), "received", backend=backend)
+        F.significance(_a(q=1), score="received", backend=backend)
     with pytest.raises(ValueError, match=r"sig must be a 2-D \(B, N\) int64 tensor"):
         F.select(torch.zeros(2, 4), 1, backend=backend)
     with pytest.raises(ValueError, match=r"keep must be a multiple of cols = 2 .* nearest valid values are 2 and 4"):
-        F.select(torch.zeros(1, 4, dtype=torch.int64), 3, "row", backend=backend)
+        F.select(torch.zeros(1, 4, dtype=torch.int64), 3, strategy="row", backend=backend)
 
 
 def test_backend_name_is_checked():
@@ -103,9 +103,9 @@ def test_retained_count_and_positions_errors():
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\]"):
         F.retained_count(576, 1.5)
     with pytest.raises(ValueError, match=r"grid=None means a square grid, but N = 575"):
-        F.retained_count(575, 0.25, "row")
+        F.retained_count(575, 0.25, strategy="row")
     with pytest.raises(ValueError, match=r"idx must be a \(B, K\) int64 tensor"):
-        F.positions(torch.zeros(3), (2, 2))
+        F.positions(torch.zeros(3), grid=(2, 2))
 
 
 def _qk(b=2, h=2, s=5, d=4, dtype=torch.float32):
@@ -162,6 +162,32 @@ def test_prune_tokens_qk_errors(name, backend):
         F.prune_tokens_qk(**_qk_args(**over), backend=backend)
 
 
+PARTS_ERRORS = {
+    "parts-2d": (torch.zeros(2, 4, dtype=torch.int64), r"got int64 \(2, 4\)"),
+    "parts-dtype": (torch.zeros(2, 2, 4), r"got float32 \(2, 2, 4\)"),
+    "parts-c": (torch.zeros(2, 3, 4, dtype=torch.int64), r"got int64 \(2, 3, 4\)"),
+    "parts-1d": (torch.zeros(5, dtype=torch.int64), r"got int64 \(5,\)"),
+}
+PARTS_TEXT = r"parts must be a 3-D \(B, C, N\) int64 tensor with C = 2 \(focal: column and row sums\) or 1, "
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", PARTS_ERRORS)
+def test_significance_from_parts_errors(name, backend):
+    parts, pattern = PARTS_ERRORS[name]
+    with pytest.raises(ValueError, match=PARTS_TEXT + pattern):
+        F.significance_from_parts(parts, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", ["kind", "lse-shape", "scale", "prefix"])
+def test_significance_qk_parts_errors(name, backend):
+    over, pattern = QK_ERRORS[name]
+    args = {key: value for key, value in _qk_args(**over).items() if key not in ("tokens", "keep", "strategy", "grid")}
+    with pytest.raises(ValueError, match=pattern):
+        F.significance_qk_parts(**args, backend=backend)
+
+
 def _varlen_args(**over):
     args = dict(tokens=torch.randn(7, 3), sig=torch.arange(7), cu_seqlens=torch.tensor([0, 3, 7]), keep=[1, 2],
                 strategy="rank", grids=None)
@@ -205,21 +231,33 @@ def test_prune_tokens_varlen_errors(name, backend):
         F.prune_tokens_varlen(**_varlen_args(**over), backend=backend)
 
 
-# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp): the same texts. The
-# values of cu_seqlens are not checked there (that would be a sync), so those cases stay CPU-only.
+# On a GPU the q/k and varlen ops check their input in C++ (csrc/ops.cpp) or in Python (Triton's
+# launchers): the same texts. The values of cu_seqlens are not checked there (that would be a sync),
+# so those cases stay CPU-only.
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", [n for n in QK_ERRORS if n != "heads"])
-def test_prune_tokens_qk_errors_cuda(name, cuda_device):
+def test_prune_tokens_qk_errors_cuda(name, cuda_device, backend):
     over, pattern = QK_ERRORS[name]
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _qk_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
-        F.prune_tokens_qk(**args)
+        F.prune_tokens_qk(**args, backend=backend)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("name", [n for n in VARLEN_ERRORS if n not in ("cu-start", "cu-end", "cu-decreasing", "keep-large", "grid-product")])
-def test_prune_tokens_varlen_errors_cuda(name, cuda_device):
+def test_prune_tokens_varlen_errors_cuda(name, cuda_device, backend):
     over, pattern = VARLEN_ERRORS[name]
     args = {k: v.to(cuda_device) if isinstance(v, torch.Tensor) else v for k, v in _varlen_args(**over).items()}
     with pytest.raises(ValueError, match=pattern):
-        F.prune_tokens_varlen(**args)
+        F.prune_tokens_varlen(**args, backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", PARTS_ERRORS)
+def test_significance_from_parts_errors_cuda(name, cuda_device, backend):
+    parts, pattern = PARTS_ERRORS[name]
+    with pytest.raises(ValueError, match=PARTS_TEXT + pattern):
+        F.significance_from_parts(parts.to(cuda_device), backend=backend)

@@ -1,4 +1,6 @@
-"""The golden cases of ../shared/golden (an independent implementation of SPEC.md), on every CPU backend."""
+"""The golden cases of tests/data/golden_cases.json, on every CPU backend: expected outputs from
+independent implementations of SPEC.md (tests/data/README.md says which; the focal near-ties come from
+tests/data/make_focal_golden.py, in Python integers and fractions)."""
 import json
 from pathlib import Path
 
@@ -35,12 +37,13 @@ def test_backend_matches_golden(case, backend):
     n = s - case["num_prefix"]
     tokens = torch.arange(b * n * 3, dtype=torch.float32).reshape(b, n, 3)
     grid = tuple(case["grid"])
-    sig = F.significance(attn, case["score"], case["num_prefix"], backend=backend)
+    sig = F.significance(attn, score=case["score"], num_prefix=case["num_prefix"], backend=backend)
     assert sig.tolist() == case["expected_significance"]
-    idx = F.select(sig, case["keep"], case["strategy"], grid, backend=backend)
+    idx = F.select(sig, case["keep"], strategy=case["strategy"], grid=grid, backend=backend)
     assert idx.tolist() == case["expected_idx"]
     pruned, idx2 = F.prune_tokens(
-        tokens, attn, case["keep"], case["strategy"], case["score"], case["num_prefix"], grid, backend=backend
+        tokens, attn, case["keep"], strategy=case["strategy"], score=case["score"], num_prefix=case["num_prefix"], grid=grid,
+        backend=backend,
     )
     assert idx2.tolist() == case["expected_idx"]
     assert torch.equal(pruned, reference.gather_rows(tokens, idx2))

@@ -53,9 +53,9 @@ def test_handworked(name, backend):
     attn = make()
     n = attn.shape[3] - 1
     tokens = torch.randn(1, n, 4)
-    sig = F.significance(attn, score, 1, backend=backend)
+    sig = F.significance(attn, score=score, num_prefix=1, backend=backend)
     assert sig.tolist() == [[v * U // 8 for v in sig_eighths]]
-    pruned, idx = F.prune_tokens(tokens, attn, keep, strategy, score, 1, grid, backend=backend)
+    pruned, idx = F.prune_tokens(tokens, attn, keep, strategy=strategy, score=score, num_prefix=1, grid=grid, backend=backend)
     assert idx.tolist() == [expected]
     assert torch.equal(pruned, tokens[:, expected])
 
@@ -65,7 +65,8 @@ def test_focal_equal_variance_goes_to_row(backend):
     # Patch [[.125, .75], [.125, .125]]: col sums [.25, .875], row sums [.875, .25]: equal variance.
     attn = torch.full((1, 1, 3, 3), 0.5)
     attn[0, 0, 1:, 1:] = torch.tensor([[0.125, 0.75], [0.125, 0.125]])
-    sig = F.significance(attn, "focal", 1, backend=backend)
+    sig = F.significance(attn, score="focal", num_prefix=1, backend=backend)
     assert sig.tolist() == [[7 * U // 8, 2 * U // 8]]
-    _, idx = F.prune_tokens(torch.randn(1, 2, 3), attn, 1, "rank", "focal", 1, (1, 2), backend=backend)
+    _, idx = F.prune_tokens(torch.randn(1, 2, 3), attn, 1, strategy="rank", score="focal", num_prefix=1, grid=(1, 2),
+                            backend=backend)
     assert idx.tolist() == [[0]]

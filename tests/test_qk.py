@@ -19,8 +19,9 @@ logit l_ij = scale * q_i . k_j) and C = 32,
 - a mean of such values is off by the mean of their errors plus C u times the mean of |v|
   (its sum), and fx adds at most 1 (truncation of a value that moved across a step).
 Summed over heads this is `bound`, and |sig - sig_ref| <= bound is asserted elementwise (for
-focal, where the oracle's variance choice is not decisive, i.e. |vc - vr| is within what the bound
-lets it move, sig may lie that close to either vector). Then idx must equal the oracle's when the
+focal, where the oracle's variance choice is not decisive, i.e. the gap between the two vectors'
+variances about their own means is within what the bound lets it move, sig may lie that close to
+either vector). Then idx must equal the oracle's when the
 margin at its selection boundary (K-th vs (K+1)-th key for rank, row score for row) exceeds twice
 the largest bound (summed over a row for row) and any focal choice is decisive. Every case
 must have at least one image so checked, so no case passes vacuously. The kernel's own idx must
@@ -45,6 +46,7 @@ pytest.importorskip("triton")
 
 import fopru_kernels as F  # noqa: E402
 from cases import lay_out  # noqa: E402
+from conftest import gpu_backends  # noqa: E402
 from fopru_kernels import reference, reference_qk  # noqa: E402
 from fopru_kernels.triton import prune_tokens as tk  # noqa: E402
 from fopru_kernels.triton import significance_qk as tq  # noqa: E402
@@ -165,11 +167,13 @@ def oracle(c: QKCase, q, k, lse):
     if rows is None:
         return sig_ref, bc, torch.ones(c.B, dtype=torch.bool), sig_ref, bc
     col, row = fx_heads(first).double(), fx_heads(rows).double()
-    m = col.mean(dim=1, keepdim=True)
-    ec, er = bc + bc.mean(dim=1, keepdim=True), br + bc.mean(dim=1, keepdim=True)
-    # How far the rounding can move vc - vr: each squared deviation by 2 |dev| e + e^2.
-    slack = (2 * (col - m).abs() * ec + ec**2).sum(dim=1) + (2 * (row - m).abs() * er + er**2).sum(dim=1)
-    vc, vr = ((col - m) ** 2).sum(dim=1), ((row - m) ** 2).sum(dim=1)
+    mc, mr = col.mean(dim=1, keepdim=True), row.mean(dim=1, keepdim=True)
+    # SPEC.md's rule compares N^2 var: N vc vs N vr with each vector's deviations from its own
+    # mean. Rounding moves an entry by e and its mean by mean(e), a deviation by at most
+    # e + mean(e), a squared deviation by 2 |dev| e' + e'^2.
+    ec, er = bc + bc.mean(dim=1, keepdim=True), br + br.mean(dim=1, keepdim=True)
+    slack = (2 * (col - mc).abs() * ec + ec**2).sum(dim=1) + (2 * (row - mr).abs() * er + er**2).sum(dim=1)
+    vc, vr = ((col - mc) ** 2).sum(dim=1), ((row - mr) ** 2).sum(dim=1)
     use_col = (vc > vr)[:, None]
     alt_ref = torch.where(use_col, fx_heads(rows), fx_heads(first))
     return sig_ref, torch.where(use_col, bc, br), (vc - vr).abs() > slack, alt_ref, torch.where(use_col, br, bc)
@@ -193,9 +197,9 @@ def margin_ok(c: QKCase, sig_ref: torch.Tensor, bound: torch.Tensor) -> torch.Te
 
 def run(c: QKCase, backend: str, tokens, q, k, lse):
     """(sig, pruned, idx) of one backend, on the CPU."""
-    sig = F.significance_qk(q, k, c.score, c.P, c.scale, lse, c.kind, c.layout, backend=backend)
-    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, c.strategy, c.score, c.P, c.grid, c.scale, lse,
-                                    c.kind, c.layout, backend=backend)
+    opts = dict(score=c.score, num_prefix=c.P, scale=c.scale, lse=lse, kind=c.kind, layout=c.layout, backend=backend)
+    sig = F.significance_qk(q, k, **opts)
+    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, strategy=c.strategy, grid=c.grid, **opts)
     assert sig.dtype == torch.int64 and sig.shape == (c.B, c.N) and sig.device == q.device
     assert idx.dtype == torch.int64 and idx.is_contiguous() and idx.shape == (c.B, c.keep)
     assert pruned.dtype == tokens.dtype and pruned.is_contiguous()
@@ -286,10 +290,7 @@ def gpu(cuda_device):
     return cuda_device
 
 
-GPU_BACKENDS = [
-    "triton",
-    pytest.param("cuda", marks=pytest.mark.skipif(not F.HAS_CUDA_KERNELS, reason="library built without CUDA kernels")),
-]
+GPU_BACKENDS = gpu_backends()
 
 
 def llava(b: int, score: str, strategy: str, kind: str, **kw) -> QKCase:
@@ -359,11 +360,12 @@ def _materialised_check(c: QKCase, device, backend: str) -> None:
     softmax (both exact selections of values within the bound), wherever the margin is wide."""
     tokens, q, k, _ = make_qk(c, device)
     probs = torch.softmax(c.d**-0.5 * (q.float() @ k.float().transpose(-1, -2)), dim=-1)
-    map_sig = F.significance(probs[:, :, :1], "cls", c.P, backend=backend).cpu()
-    map_pruned, map_idx = F.prune_tokens(tokens, probs[:, :, :1], c.keep, c.strategy, "cls", c.P, c.grid,
-                                         backend=backend)
-    sig = F.significance_qk(q, k, "cls", c.P, backend=backend).cpu()
-    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, c.strategy, "cls", c.P, c.grid, backend=backend)
+    map_sig = F.significance(probs[:, :, :1], score="cls", num_prefix=c.P, backend=backend).cpu()
+    map_pruned, map_idx = F.prune_tokens(tokens, probs[:, :, :1], c.keep, strategy=c.strategy, score="cls", num_prefix=c.P,
+                                         grid=c.grid, backend=backend)
+    sig = F.significance_qk(q, k, score="cls", num_prefix=c.P, backend=backend).cpu()
+    pruned, idx = F.prune_tokens_qk(tokens, q, k, c.keep, strategy=c.strategy, score="cls", num_prefix=c.P, grid=c.grid,
+                                    backend=backend)
     sig_ref, bound, *_ = oracle(c, q, k, None)
     # The map path's float32 softmax rounds within the same bound as the kernels.
     assert bool(((map_sig - sig_ref).abs().double() <= bound).all())
@@ -436,7 +438,7 @@ def test_cuda_graph(gpu, backend, score, kind):
     tokens, q, k, lse = make_qk(cases[0], gpu)
 
     def call():
-        return F.prune_tokens_qk(tokens, q, k, 144, "rank", score, 1, None, None, lse, kind, backend=backend)
+        return F.prune_tokens_qk(tokens, q, k, 144, score=score, lse=lse, kind=kind, backend=backend)
 
     call()  # compile outside the capture
     torch.cuda.synchronize()
@@ -449,7 +451,7 @@ def test_cuda_graph(gpu, backend, score, kind):
             if dst is not None:
                 dst.copy_(src)
         graph.replay()
-        sig = F.significance_qk(q, k, score, 1, None, lse, kind, backend=backend)
+        sig = F.significance_qk(q, k, score=score, num_prefix=1, lse=lse, kind=kind, backend=backend)
         verify(c, *new, sig.cpu(), pruned.cpu(), idx.cpu())
 
 
@@ -462,7 +464,7 @@ def test_torch_compile(gpu, backend, score, kind):
     tokens, q, k, _ = make_qk(llava(2, score, "row", kind, layout="bshd"), gpu)
 
     def fn(t, qq, kk):
-        return F.prune_tokens_qk(t, qq, kk, 144, "row", score, 1, None, None, None, kind, "bshd", backend=backend)
+        return F.prune_tokens_qk(t, qq, kk, 144, strategy="row", score=score, kind=kind, layout="bshd", backend=backend)
 
     pruned, idx = torch.compile(fn, fullgraph=True)(tokens, q, k)
     eager_pruned, eager_idx = fn(tokens, q, k)

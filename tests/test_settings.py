@@ -62,7 +62,7 @@ def test_kept_count_is_retained_count(raw, n, grid, kept):
     s = parse_settings(raw)
     assert s.kept_count(n, grid) == kept
     if s.ratio is not None:
-        assert kept == F.retained_count(n, s.ratio, s.strategy, grid)
+        assert kept == F.retained_count(n, s.ratio, strategy=s.strategy, grid=grid)
 
 
 @pytest.mark.parametrize(

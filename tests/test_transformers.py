@@ -1,4 +1,4 @@
-"""transformers adapters (issues 5, 6): q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA and
+"""transformers adapters: q/k capture on CLIP / SigLIP towers, and FoPru in LLaVA and
 LLaVA-NeXT generate().
 
 Every model is a tiny one built from a config in code with random weights (no downloads). The q/k
@@ -20,6 +20,7 @@ from fopru_kernels.integrations.transformers import (  # imports transformers on
     prune_vision_features,
     remove_fopru,
 )
+from fopru_kernels import reference_qk
 from fopru_kernels.reference import FX_SCALE
 
 transformers = pytest.importorskip("transformers")
@@ -86,29 +87,55 @@ def selection_margin(sig: torch.Tensor, keep: int) -> float:
 def test_qk_path_equals_attention_map_path(kind, score):
     model, x, layer = tower(kind), pixels(), -2
     p = 1 if kind == "clip" else 0
-    pruned, idx = prune_vision_features(model, x, KEEP, score=score, layer=layer)
+    pruned, idx = prune_vision_features(model, x, KEEP, score=score, kind="prob", layer=layer)
 
     with QKCapture(model, layer) as cap, torch.no_grad():
         model(pixel_values=x)
     tokens = cap.hidden[:, p:]
     hidden_map, attn = map_path(model, x, layer)
     assert attn.shape == (2, 4, N + p, N + p)
-    map_sig = probability_units(F.significance(attn, score, p), score)
-    qk_sig = F.significance_qk(cap.q, cap.k, score, p, cap.scale, layout="bshd").double() / FX_SCALE
+    map_sig = probability_units(F.significance(attn, score=score, num_prefix=p), score)
+    qk_sig = F.significance_qk(cap.q, cap.k, score=score, num_prefix=p, scale=cap.scale, layout="bshd").double() / FX_SCALE
     assert (map_sig - qk_sig).abs().max() < FLOAT_ERROR
     assert selection_margin(map_sig, KEEP) > MARGIN
     if score == "focal":  # both paths must pick the same of received / paid attention
-        col = F.significance(attn, "received", p).double()
-        row = F.significance(attn.transpose(-1, -2), "received", p).double()  # row sums = columns of the transpose
-        m = col.mean(dim=1, keepdim=True)
-        vc, vr = ((col - m) ** 2).sum(dim=1), ((row - m) ** 2).sum(dim=1)
+        col = F.significance(attn, score="received", num_prefix=p).double()
+        row = F.significance(attn.transpose(-1, -2), score="received", num_prefix=p).double()  # row sums = columns of the transpose
+        vc, vr = (((v - v.mean(dim=1, keepdim=True)) ** 2).sum(dim=1) for v in (col, row))
         assert ((vc - vr).abs() > 1e-3 * torch.maximum(vc, vr)).all()
 
     # The map path gathers from the q/k run's hidden states: the eager run's differ by float rounding.
-    map_pruned, map_idx = F.prune_tokens(tokens, attn, KEEP, "rank", score, p)
+    map_pruned, map_idx = F.prune_tokens(tokens, attn, KEEP, strategy="rank", score=score, num_prefix=p)
     assert torch.equal(idx, map_idx)
     assert torch.equal(pruned, map_pruned)
     assert torch.allclose(hidden_map, cap.hidden, atol=1e-4)
+
+
+def test_siglip_tower_with_the_default_settings():
+    """The defaults are FoPru's own (focal on the scaled logits) and need no CLS token: a SigLIP tower
+    prunes as it is, and the kept tokens are the float64 oracle's (margins measured: > 1e5 x the error)."""
+    model, x = tower("siglip"), pixels()
+    pruned, idx = prune_vision_features(model, x, KEEP)
+    with QKCapture(model, -2) as cap, torch.no_grad():
+        model(pixel_values=x)
+    sig = reference_qk.significance_qk(cap.q, cap.k, "focal", 0, cap.scale, None, "logit", "bshd")
+    top = sig.sort(dim=1, descending=True).values
+    assert bool((top[:, KEEP - 1] - top[:, KEEP] > 2**24).all())  # the kernels' error is ~2^12
+    want_pruned, want_idx = reference_qk.prune_tokens_qk(cap.hidden, cap.q, cap.k, KEEP, "rank", "focal", 0, None,
+                                                         cap.scale, None, "logit", "bshd")
+    assert torch.equal(idx, want_idx) and torch.equal(pruned, want_pruned)
+    _, prob_idx = prune_vision_features(model, x, KEEP, kind="prob")
+    assert not torch.equal(prob_idx, idx)  # so the comparison above did tell the default kind apart
+
+
+def test_adapters_check_backend_when_applied():
+    message = r"backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference', got 'gpu'"
+    with pytest.raises(ValueError, match=message):
+        prune_vision_features(tower("clip"), pixels(), KEEP, backend="gpu")
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=message):
+        apply_fopru(model, keep=KEEP, backend="gpu")
+    assert getattr(model.model, "_fopru", None) is None
 
 
 class _Shapes(TorchDispatchMode):
@@ -231,18 +258,18 @@ def generate_with_fopru(model, inner, handle, inputs):
 
 @pytest.mark.parametrize(
     "kind, strategy, score, keep",
-    [("clip", "rank", "cls", 6), ("clip", "row", "focal", 8), ("siglip", "rank", "received", 5)],
+    [("clip", "rank", "cls", 6), ("clip", "row", "focal", 8), ("siglip", "rank", "received", 5), ("siglip", "rank", None, 5)],
 )
 def test_llava_generate_sees_keep_image_tokens(kind, strategy, score, keep):
+    """score None: the adapters' defaults (focal on the logits), with the SigLIP tower too."""
     model, inputs = tiny_llava(kind), prompts()
     inner = model.model
-    expected_pruned, expected_idx = prune_vision_features(
-        inner.vision_tower, inputs["pixel_values"], keep, strategy, score, layer=-2
-    )
+    opts = dict(strategy=strategy) if score is None else dict(strategy=strategy, score=score)
+    expected_pruned, expected_idx = prune_vision_features(inner.vision_tower, inputs["pixel_values"], keep, layer=-2, **opts)
     with torch.no_grad():
         expected = inner.multi_modal_projector(expected_pruned)
 
-    handle = apply_fopru(model, keep=keep, strategy=strategy, score=score)
+    handle = apply_fopru(model, keep=keep, **opts)
     trimmed, out, seen = generate_with_fopru(model, inner, handle, inputs)
     assert out.shape[1] == trimmed["input_ids"].shape[1] + 3
     image_positions = trimmed["input_ids"] == IMAGE_TOKEN
@@ -308,7 +335,6 @@ def test_placeholders_trimmed_per_image_and_repadded():
 # LLaVA-NeXT ----------------------------------------------------------------------------------
 
 NEXT_IMAGE = 42  # crops of 3 x 3 patches (+ CLS for CLIP); anyres tiles of 2 x 1, 1 x 2 or 2 x 2 crops
-NEXT_N = (NEXT_IMAGE // PATCH) ** 2
 # (H, W) of the three images: wide (2 x 2 tiles, rows unpadded), tall (2 x 1 tiles), square (1 x 2
 # tiles, columns unpadded); 5, 3 and 3 crops with the base image.
 NEXT_SIZES = torch.tensor([[60, 100], [100, 40], [42, 42]])
@@ -342,7 +368,8 @@ def next_reference(model, kind: str, score: str):
         feats = inner.get_image_features(x, NEXT_SIZES)
         crop_tokens = inner.multi_modal_projector(cap.hidden[:, p:]).flatten(0, 1)
     feats = getattr(feats, "pooler_output", feats)  # older transformers return the list itself
-    sig = F.significance_qk(cap.q, cap.k, score, p, cap.scale, layout="bshd").reshape(-1)
+    sig = F.significance_qk(cap.q, cap.k, score=score, num_prefix=p, scale=cap.scale, kind="logit", layout="bshd")
+    sig = sig.reshape(-1)  # the adapter's default kind
     packed = torch.cat(feats)
     match = (packed[:, None] == crop_tokens[None]).all(-1)
     newline = (packed == inner.image_newline).all(-1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from cases import lay_out
-from conftest import cpu_backends
+from conftest import cpu_backends, gpu_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +90,8 @@ def dense_loop(tokens, sig, cu_seqlens, keep, strategy, grids):
 def check_batch(c: Batch, backend: str, device="cpu") -> None:
     tokens, sig, cu = make_batch(c, device)
     grids = None if c.grids is None else list(c.grids)
-    pruned, idx, cu_out = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), c.strategy, grids, backend=backend)
+    pruned, idx, cu_out = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy=c.strategy, grids=grids,
+                                                backend=backend)
     want_pruned, want_idx, want_cu = dense_loop(tokens, sig, cu, c.keep, c.strategy, grids)
     for got in (pruned, idx, cu_out):
         assert got.device == tokens.device and got.is_contiguous() and not got.requires_grad
@@ -98,6 +99,35 @@ def check_batch(c: Batch, backend: str, device="cpu") -> None:
     assert torch.equal(idx.cpu(), want_idx)
     assert torch.equal(cu_out.cpu(), want_cu)
     assert torch.equal(pruned.cpu(), want_pruned)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_grids_as_pairs(backend):
+    """grids as the (rows, cols) pairs people write give what the flat list gives, for the op and for
+    positions_varlen; their (row, col) are each kept token's local index split by its image's cols."""
+    c = _row_batch([(2, 3), (4, 5)], [1, 2])
+    tokens, sig, cu = make_batch(c)
+    pairs = [(2, 3), (4, 5)]
+    flat = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy="row", grids=list(c.grids), backend=backend)
+    for grids in (pairs, [list(g) for g in pairs], torch.tensor(pairs)):
+        got = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy="row", grids=grids, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(got, flat))
+    idx = flat[1]
+    pos = F.positions_varlen(idx, cu, list(c.keep), grids=pairs)
+    assert torch.equal(pos, F.positions_varlen(idx, cu, list(c.keep), grids=list(c.grids)))
+    local = idx - torch.tensor([0] * 3 + [6] * 10)
+    cols = torch.tensor([3] * 3 + [5] * 10)
+    assert torch.equal(pos, torch.stack((local // cols, local % cols), dim=-1))
+
+
+@pytest.mark.parametrize("grids", [[(2, 3), 4, 5], [(2, 3, 1), (4, 5)], [2.0, 3, 4, 5], ["23", "45"]], ids=str)
+def test_malformed_grids_are_refused(grids):
+    tokens, sig, cu = torch.randn(26, 2), torch.arange(26), torch.tensor([0, 6, 26])
+    message = r"grids must be B \(rows, cols\) pairs of ints or the flat list \[rows_0, cols_0, ...\], got "
+    with pytest.raises(ValueError, match=message):
+        F.prune_tokens_varlen(tokens, sig, cu, [3, 10], strategy="row", grids=grids)
+    with pytest.raises(ValueError, match=message):
+        F.positions_varlen(torch.arange(13), cu, [3, 10], grids=grids)
 
 
 def _row_batch(grids: list[tuple[int, int]], keep_rows: list[int], **kw) -> Batch:
@@ -193,7 +223,7 @@ def test_bad_cu_seqlens_values_cpu(backend, cu, words):
 def test_bad_grid_for_segment_cpu(backend):
     tokens, sig, cu = torch.randn(12, 4), torch.arange(12), torch.tensor([0, 6, 12])
     with pytest.raises(ValueError, match="cu_seqlens"):  # grids[1] = 3 x 3 != n_1 = 6
-        F.prune_tokens_varlen(tokens, sig, cu, [3, 3], "row", [2, 3, 3, 3], backend=backend)
+        F.prune_tokens_varlen(tokens, sig, cu, [3, 3], strategy="row", grids=[2, 3, 3, 3], backend=backend)
 
 
 def test_opcheck_cpu():
@@ -280,15 +310,11 @@ def test_triton_invalid_segments():
 # ----------------------------------------------------------------------------- GPU
 
 
-def gpu_backends() -> list[str]:
-    return [b for b in F.available_backends("cuda") if b != "reference"]
-
-
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", *gpu_backends()])
 @pytest.mark.parametrize("c", BATCHES + NEXT, ids=[c.id() for c in BATCHES + NEXT])
-def test_batches_gpu(cuda_device, c):
-    for backend in ["auto", *gpu_backends()]:
-        check_batch(c, backend, cuda_device)
+def test_batches_gpu(cuda_device, c, backend):
+    check_batch(c, backend, cuda_device)
 
 
 # The CUDA kernel's own paths: an image whose keys do not fit shared memory next to small ones,
@@ -302,6 +328,7 @@ CUDA_PATHS = [
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda_cxx
 @pytest.mark.parametrize("force_global", ["0", "1"])
 @pytest.mark.parametrize("c", CUDA_PATHS, ids=[c.id() for c in CUDA_PATHS])
 def test_cuda_kernel_paths(cuda_device, monkeypatch, c, force_global):
@@ -312,20 +339,20 @@ def test_cuda_kernel_paths(cuda_device, monkeypatch, c, force_global):
 
 
 @pytest.mark.cuda
-def test_fuzz_gpu(cuda_device):
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_fuzz_gpu(cuda_device, backend):
     gen = torch.Generator().manual_seed(0)
     for seed in range(20):
         sizes = torch.randint(0, 40, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
         keep = [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in sizes]
         c = Batch(sizes=tuple(sizes), keep=tuple(keep), values=("wide", "quantised")[seed % 2], seed=seed)
-        for backend in gpu_backends():
-            check_batch(c, backend, cuda_device)
+        check_batch(c, backend, cuda_device)
 
 
 @pytest.mark.cuda
-def test_invalid_segments_gpu(cuda_device):
-    for backend in gpu_backends():
-        check_invalid(functools.partial(F.prune_tokens_varlen, backend=backend), cuda_device)
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_invalid_segments_gpu(cuda_device, backend):
+    check_invalid(functools.partial(F.prune_tokens_varlen, backend=backend), cuda_device)
 
 
 # (first batch, replay batches): same B, keep and grids; rank replays move the segment bounds.
@@ -339,38 +366,39 @@ GRAPH_BATCHES = {
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("strategy", ["rank", "row"])
-def test_cuda_graph(cuda_device, strategy):
+def test_cuda_graph(cuda_device, strategy, backend):
     """Capture once, replay on new tokens, scores and (rank) segment bounds: no host sync, and the
     per-image table copied during capture stays valid for every replay."""
     first, replays = GRAPH_BATCHES[strategy]
     keep, grids = list(first.keep), None if first.grids is None else list(first.grids)
     inputs = [make_batch(first.with_(**kw)) for kw in replays]
-    for backend in gpu_backends():
-        tokens, sig, cu = make_batch(first, cuda_device)
-        F.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=backend)  # compile outside
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = F.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids, backend=backend)
-        for t_cpu, s_cpu, cu_cpu in inputs:
-            tokens.copy_(t_cpu)
-            sig.copy_(s_cpu)
-            cu.copy_(cu_cpu)
-            graph.replay()
-            for got, want in zip(out, dense_loop(t_cpu, s_cpu, cu_cpu, keep, strategy, grids)):
-                assert torch.equal(got.cpu(), want)
+    tokens, sig, cu = make_batch(first, cuda_device)
+    F.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=backend)  # compile outside
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = F.prune_tokens_varlen(tokens, sig, cu, keep, strategy=strategy, grids=grids, backend=backend)
+    for t_cpu, s_cpu, cu_cpu in inputs:
+        tokens.copy_(t_cpu)
+        sig.copy_(s_cpu)
+        cu.copy_(cu_cpu)
+        graph.replay()
+        for got, want in zip(out, dense_loop(t_cpu, s_cpu, cu_cpu, keep, strategy, grids)):
+            assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.cuda
-def test_torch_compile(cuda_device):
+@pytest.mark.parametrize("backend", ["auto", *gpu_backends()])
+def test_torch_compile(cuda_device, backend):
     """fullgraph compile of the op: its fake kernel sizes the outputs from keep alone, so the ragged
     call traces without reading cu_seqlens."""
     torch._dynamo.reset()
     c = BATCHES[8]
     tokens, sig, cu = make_batch(c, cuda_device)
     keep, grids = list(c.keep), list(c.grids)
-    fn = torch.compile(lambda t, s, u: torch.ops.fopru.prune_tokens_varlen(t, s, u, keep, "row", grids),
+    fn = torch.compile(lambda t, s, u: F.prune_tokens_varlen(t, s, u, keep, strategy="row", grids=grids, backend=backend),
                        fullgraph=True)
     for got, want in zip(fn(tokens, sig, cu), dense_loop(tokens, sig, cu, keep, "row", grids)):
         assert torch.equal(got.cpu(), want)

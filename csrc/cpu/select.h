@@ -13,19 +13,15 @@
 
 namespace fopru::cpu {
 
-// SPEC.md's focal rule for one image: true when the column sums col[0..n) have the larger float64
-// variance about their mean than the row sums row[0..n) (ties go to the rows).
+// SPEC.md's focal rule for one image, exactly (fopru.h): true when the column sums col[0..n) have
+// the larger variance, false (ties too) for the row sums row[0..n).
 inline bool focal_prefers_col(const int64_t* col, const int64_t* row, int64_t n) {
-  double total = 0;
-  for (int64_t j = 0; j < n; ++j) total += static_cast<double>(col[j]);
-  const double m = total / static_cast<double>(n);
-  double vc = 0, vr = 0;
+  FocalSums c{}, r{};
   for (int64_t j = 0; j < n; ++j) {
-    const double dc = static_cast<double>(col[j]) - m, dr = static_cast<double>(row[j]) - m;
-    vc += dc * dc;
-    vr += dr * dr;
+    c.add(col[j]);
+    r.add(row[j]);
   }
-  return focal_use_col(vc, vr);
+  return focal_use_col(c, r, n);
 }
 
 // The `count` largest of score[0..n) (ties to the lower index), written to out in index order.

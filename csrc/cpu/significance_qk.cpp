@@ -272,7 +272,7 @@ void compute_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<
   });
 }
 
-// sig[0..N) = col or row of one image by the focal variance rule.
+// sig[0..N) = col or row of one image by the exact focal rule.
 void choose_focal(const int64_t* col, const int64_t* row, int64_t n, int64_t* sig) {
   const int64_t* src = cpu::focal_prefers_col(col, row, n) ? col : row;
   std::copy(src, src + n, sig);
@@ -342,9 +342,42 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_qk_cpu(const at::Tensor& tokens,
   return {pruned, idx};
 }
 
+// The sums significance_qk chooses from, (B, C, N): compute_sums' (B, C * N) layout as it is.
+at::Tensor significance_qk_parts_cpu(const at::Tensor& q, const at::Tensor& k, c10::string_view score,
+                                     int64_t num_prefix, std::optional<double> scale,
+                                     const std::optional<at::Tensor>& lse, c10::string_view kind,
+                                     c10::string_view layout) {
+  const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
+                                         std::string_view(kind.data(), kind.size()),
+                                         std::string_view(layout.data(), layout.size()));
+  at::Tensor parts = at::empty({a.B, a.score == Score::kFocal ? 2 : 1, a.N}, q.options().dtype(at::kLong));
+  if (a.B > 0) compute_sums(q, k, lse, a, parts.data_ptr<int64_t>());
+  return parts;
+}
+
+at::Tensor significance_from_parts_cpu(const at::Tensor& parts) {
+  check_parts(parts);
+  const int64_t B = parts.size(0), C = parts.size(1), N = parts.size(2);
+  const at::Tensor p = parts.contiguous();
+  at::Tensor sig = at::empty({B, N}, parts.options());
+  const int64_t* in = p.const_data_ptr<int64_t>();
+  int64_t* out = sig.data_ptr<int64_t>();
+  for_each_image(B, [&](int64_t b) {
+    const int64_t* s = in + b * C * N;
+    if (C == 1) {
+      std::copy(s, s + N, out + b * N);
+    } else {
+      choose_focal(s, s + N, N, out + b * N);
+    }
+  });
+  return sig;
+}
+
 }  // namespace fopru
 
 TORCH_LIBRARY_IMPL(fopru, CPU, m) {
   m.impl("significance_qk", &fopru::significance_qk_cpu);
   m.impl("prune_tokens_qk", &fopru::prune_tokens_qk_cpu);
+  m.impl("significance_qk_parts", &fopru::significance_qk_parts_cpu);
+  m.impl("significance_from_parts", &fopru::significance_from_parts_cpu);
 }

@@ -1,6 +1,6 @@
 // CUDA kernels of fopru::significance / select / prune_tokens (SPEC.md), registered for the CUDA key.
 //
-// Launch plan (ARCHITECTURE.md "Kernel design notes"):
+// Launch plan:
 //   cls               one launch of _select_gather_kernel: each CTA of an image rebuilds the
 //                     significance from the CLS row (H x N values, L2-resident) in shared memory,
 //                     selects, and gathers its own chunk of the kept rows.
@@ -12,8 +12,8 @@
 //                     the selection reads them from L2.
 // Selection (select.cuh) is threshold-then-compact: radix select of the K-th largest key, then a
 // block scan that ranks the kept items in index order, so the indices come out ascending.
-// Every sum is an int64 fixed-point sum (exact in any order); only the focal variances are
-// float64, and every CTA of an image computes them in the same order, so they agree.
+// Every sum is an int64 fixed-point sum (exact in any order), and the focal choice compares exact
+// integers (fopru.h), so every CTA of an image makes the same choice.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -74,19 +74,30 @@ struct AttnElem<kF64> {
   static __device__ __forceinline__ int64_t fxv(Raw r) { return fx(r); }
 };
 
-// Sum over the block (blockDim.x a multiple of 32, all threads call): the focal variances.
-__device__ double block_sum(double v, SelectShared& sh) {
-  v = warp_sum(v);
-  if (lane_id() == 0) sh.red[warp_id()] = v;
+// x from lane (this lane ^ o): FocalSums in 64-bit pieces, as shuffles move at most 64 bits.
+__device__ __forceinline__ FocalSums shfl_xor_focal(const FocalSums& s, int o) {
+  auto shfl = [o](u128 v) {
+    const ull lo = __shfl_xor_sync(kFullMask, static_cast<ull>(v), o);
+    const ull hi = __shfl_xor_sync(kFullMask, static_cast<ull>(v >> 64), o);
+    return (static_cast<u128>(hi) << 64) | lo;
+  };
+  FocalSums t;
+  t.sq = shfl(s.sq);
+  t.sq_hi = __shfl_xor_sync(kFullMask, static_cast<ull>(s.sq_hi), o);
+  t.sum = static_cast<i128>(shfl(static_cast<u128>(s.sum)));
+  return t;
+}
+
+// The focal rule's exact sums over the block (kSelectThreads threads, all call): warps merge by
+// shuffles, then every thread merges the warps' partials (integers: any order gives the same).
+__device__ FocalSums block_focal_sum(FocalSums s, SelectShared& sh) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) s.merge(shfl_xor_focal(s, o));
+  if (lane_id() == 0) sh.focal[warp_id()] = s;
   __syncthreads();
-  if (warp_id() == 0) {
-    double t = lane_id() < num_warps() ? sh.red[lane_id()] : 0.0;
-    t = warp_sum(t);
-    if (lane_id() == 0) sh.red[kWarp] = t;
-  }
-  __syncthreads();
-  const double total = sh.red[kWarp];
-  __syncthreads();  // sh.red is reused by the next call
+  FocalSums total{};
+  for (int w = 0; w < num_warps(); ++w) total.merge(sh.focal[w]);
+  __syncthreads();  // sh.focal is reused by the next call
   return total;
 }
 
@@ -136,19 +147,14 @@ __device__ void build_keys(const SigSource& src, const SelectSpec& sel, int64_t 
     const int64_t* col = sig_src;
     const int64_t* row = src.row + b * src.sig_sb;
     const int64_t st = src.sig_sn;
-    double s = 0.0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += static_cast<double>(col[j * st]);
-    const double mean = block_sum(s, sh) / static_cast<double>(n);
-    double vc = 0.0, vr = 0.0;
+    FocalSums c{}, r{};
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const double dc = static_cast<double>(col[j * st]) - mean;
-      const double dr = static_cast<double>(row[j * st]) - mean;
-      vc = __dadd_rn(vc, __dmul_rn(dc, dc));  // no FMA contraction: the plain formula of SPEC.md
-      vr = __dadd_rn(vr, __dmul_rn(dr, dr));
+      c.add(col[j * st]);
+      r.add(row[j * st]);
     }
-    vc = block_sum(vc, sh);
-    vr = block_sum(vr, sh);
-    const int64_t* chosen = focal_use_col(vc, vr) ? col : row;
+    c = block_focal_sum(c, sh);
+    r = block_focal_sum(r, sh);
+    const int64_t* chosen = focal_use_col(c, r, n) ? col : row;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sig_dst[j] = chosen[j * st];
   } else if (sig_dst != nullptr) {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) sig_dst[j] = sig_src[j * src.sig_sn];

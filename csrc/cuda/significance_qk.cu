@@ -1017,9 +1017,34 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_qk_cuda(const at::Tensor& tokens
   return select_gather_cuda(tokens, sums.narrow(1, 0, a.N), focal ? sums.narrow(1, a.N, a.N) : at::Tensor(), p.sel);
 }
 
+// The sums significance_qk chooses from, (B, C, N): compute_sums' (B, C * N) layout as it is.
+at::Tensor significance_qk_parts_cuda(const at::Tensor& q, const at::Tensor& k, c10::string_view score,
+                                      int64_t num_prefix, std::optional<double> scale,
+                                      const std::optional<at::Tensor>& lse, c10::string_view kind,
+                                      c10::string_view layout) {
+  const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
+                                         std::string_view(kind.data(), kind.size()),
+                                         std::string_view(layout.data(), layout.size()));
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor parts = at::empty({a.B, a.score == Score::kFocal ? 2 : 1, a.N}, q.options().dtype(at::kLong));
+  if (a.B == 0 || a.N == 0) return parts;
+  compute_sums(q, k, lse, a, parts);
+  return parts;
+}
+
+at::Tensor significance_from_parts_cuda(const at::Tensor& parts) {
+  check_parts(parts);
+  const c10::cuda::CUDAGuard guard(parts.device());
+  const at::Tensor p = parts.contiguous();
+  if (p.size(1) == 1) return p.select(1, 0).clone(at::MemoryFormat::Contiguous);
+  return choose_significance_cuda(p.select(1, 0), p.select(1, 1));
+}
+
 }  // namespace fopru
 
 TORCH_LIBRARY_IMPL(fopru, CUDA, m) {
   m.impl("significance_qk", &fopru::significance_qk_cuda);
   m.impl("prune_tokens_qk", &fopru::prune_tokens_qk_cuda);
+  m.impl("significance_qk_parts", &fopru::significance_qk_parts_cuda);
+  m.impl("significance_from_parts", &fopru::significance_from_parts_cuda);
 }

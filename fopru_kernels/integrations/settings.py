@@ -54,7 +54,7 @@ class FoPruSettings:
         """
         rows, cols = resolve_grid(n_tokens, grid, required=self.strategy == "row")
         if self.ratio is not None:
-            kept = retained_count(n_tokens, self.ratio, self.strategy, (rows, cols))
+            kept = retained_count(n_tokens, self.ratio, strategy=self.strategy, grid=(rows, cols))
             if kept < 1:
                 unit = cols if self.strategy == "row" else 1
                 smallest = unit / n_tokens

@@ -7,6 +7,12 @@ attention implementation (SDPA, FlashAttention) and never runs with `output_atte
 `S x S` attention map is requested or materialised by the tower; `fopru_kernels.prune_tokens_qk`
 scores the tokens from q and k (SPEC.md "Significance from q and k").
 
+Defaults follow the paper: FoPru's own significance, `score="focal"` (the column or row means,
+whichever has the larger variance) of the scaled logits (`kind="logit"`, no softmax) of that
+layer; `score="cls"` (CLIP's CLS row, FasterVLM / VisionZip style) and `kind="prob"` stay options.
+The defaults need no CLS token, so SigLIP towers work with them as they are. `backend` takes the
+op's values ('auto' follows FOPRU_BACKEND) and is checked when the adapter is applied.
+
 Which layer: FoPru scores with the attention inside the layer whose *output* feeds the projector.
 `layer` counts like transformers' `hidden_states` and LLaVA's `vision_feature_layer`:
 `hidden_states[0]` is the embedding output and `hidden_states[i]` the output of
@@ -20,6 +26,7 @@ Entry points:
   (`LlavaNextForConditionalGeneration`, `LlavaNextModel`) prunes each image's packed feature sequence
   after `pack_image_features`, in one `prune_tokens_varlen` call. The handle's `prepare_inputs`
   shortens the image placeholders of tokenised inputs to the kept count per image for `generate()`.
+  Qwen2-VL, Qwen2.5-VL and Qwen3-VL models are handed to `integrations.qwen_vl` (one entry point).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..backends import check_backend
 from ..ops import prune_tokens_qk, prune_tokens_varlen, significance_qk
 from ..reference import retained_count
 
@@ -129,9 +137,10 @@ def prune_vision_features(
     vision_model: nn.Module,
     pixel_values: torch.Tensor,
     keep: int,
+    *,
     strategy: str = "rank",
-    score: str = "cls",
-    kind: str = "prob",
+    score: str = "focal",
+    kind: str = "logit",
     layer: int = -2,
     num_prefix: int | None = None,
     grid: tuple[int, int] | None = None,
@@ -140,12 +149,14 @@ def prune_vision_features(
     """Runs a CLIP / SigLIP vision tower once and keeps `keep` patch features of hidden_states[layer].
 
     pixel_values: (B, C, H, W). The features are the layer output without its prefix tokens (as LLaVA's
-    'default' select strategy drops CLS), scored with that layer's q and k. score: 'cls' (CLIP only),
-    'received' or 'focal'; kind: 'prob' (softmax probabilities) or 'logit'. num_prefix: None -> 1 with
-    a CLS token (CLIP), 0 without (SigLIP). grid: None -> the patch grid of pixel_values.
+    'default' select strategy drops CLS), scored with that layer's q and k. score: 'focal' (FoPru's),
+    'received' or 'cls' (CLIP only); kind: 'logit' (the scaled logits, FoPru's) or 'prob' (softmax
+    probabilities). num_prefix: None -> 1 with a CLS token (CLIP), 0 without (SigLIP). grid: None ->
+    the patch grid of pixel_values. backend: as in fopru_kernels.prune_tokens_qk.
     Returns pruned (B, keep, D) in the tower's dtype and idx (B, keep) int64, ascending patch indices.
     Runs under torch.no_grad (the op is inference-only).
     """
+    check_backend(backend)
     p = num_prefix_tokens(vision_model) if num_prefix is None else num_prefix
     with torch.no_grad(), QKCapture(vision_model, layer) as cap:
         vision_model(pixel_values=pixel_values)
@@ -154,10 +165,10 @@ def prune_vision_features(
         cap.q,
         cap.k,
         keep,
-        strategy,
-        score,
-        p,
-        patch_grid(vision_model, pixel_values) if grid is None else grid,
+        strategy=strategy,
+        score=score,
+        num_prefix=p,
+        grid=patch_grid(vision_model, pixel_values) if grid is None else grid,
         scale=cap.scale,
         kind=kind,
         layout="bshd",
@@ -188,7 +199,7 @@ class FoPruLlava:
         self.tokens_per_image = tower.embeddings.num_patches
         if ratio is not None:
             side = tower.config.image_size // tower.config.patch_size
-            keep = retained_count(self.tokens_per_image, ratio, strategy, (side, side))
+            keep = retained_count(self.tokens_per_image, ratio, strategy=strategy, grid=(side, side))
         if not 0 <= keep <= self.tokens_per_image:
             raise ValueError(f"keep must be in [0, {self.tokens_per_image}] (patches per image), got {keep}")
         self.keep, self.strategy, self.score, self.kind, self.backend = keep, strategy, score, kind, backend
@@ -203,7 +214,7 @@ class FoPruLlava:
         cap, p = self.capture, self.num_prefix
         _check_scored_features(features, cap, p)
         pruned, idx = prune_tokens_qk(
-            features, cap.q, cap.k, self.keep, self.strategy, self.score, p, None,
+            features, cap.q, cap.k, self.keep, strategy=self.strategy, score=self.score, num_prefix=p,
             scale=cap.scale, kind=self.kind, layout="bshd", backend=self.backend,
         )
         cap.clear()
@@ -220,7 +231,7 @@ class FoPruLlava:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         kept = keep_placeholders(ids, valid, self.image_token_id, self.tokens_per_image, self.keep)
-        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
+        return compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks: the model computes all N image features again."""
@@ -359,7 +370,8 @@ class FoPruLlavaNext:
                 "of no such pass (call the model, or get_image_features, rather than pack_image_features)"
             )
         sig = significance_qk(
-            cap.q, cap.k, self.score, self.num_prefix, cap.scale, kind=self.kind, layout="bshd", backend=self.backend
+            cap.q, cap.k, score=self.score, num_prefix=self.num_prefix, scale=cap.scale, kind=self.kind, layout="bshd",
+            backend=self.backend,
         )  # (num_crops, N): the _check_projector_input hook has tied q / k to these features
         cap.clear()
         sources = self._sources(crops, image_sizes, vision_feature_select_strategy, image_newline is not None)
@@ -370,7 +382,7 @@ class FoPruLlavaNext:
         lengths = torch.tensor([0] + [s.numel() for s in sources], dtype=torch.int64)
         cu_seqlens = lengths.cumsum(0).to(device)
         pruned, idx, cu_out = prune_tokens_varlen(
-            torch.cat(packed), packed_sig, cu_seqlens, keep, "rank", backend=self.backend
+            torch.cat(packed), packed_sig, cu_seqlens, keep, strategy="rank", backend=self.backend
         )
         self.last_idx, self.last_cu_seqlens, self.last_source = idx, cu_out, source[idx]
         return list(pruned.split(keep)), torch.tensor(keep, dtype=torch.long, device=device)
@@ -399,7 +411,7 @@ class FoPruLlavaNext:
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         lengths, keep = self.image_token_counts(inputs["image_sizes"])
         kept = keep_placeholder_runs(ids, valid, self.image_token_id, lengths, keep)
-        return _compact_inputs(inputs, kept, self.pad_token_id, padding_side)
+        return compact_inputs(inputs, kept, self.pad_token_id, padding_side)
 
     def remove(self) -> None:
         """Removes the hooks and the pack_image_features override: all n_i image tokens again."""
@@ -454,7 +466,7 @@ def keep_placeholders(
     return valid & (~image | (rank_in_image < keep))
 
 
-def _compact_inputs(inputs: Mapping, kept: torch.Tensor, pad_token_id: int, padding_side: str) -> dict:
+def compact_inputs(inputs: Mapping, kept: torch.Tensor, pad_token_id: int, padding_side: str = "left") -> dict:
     """Every (B, T) tensor of `inputs` (input_ids, attention_mask, ...) compacted to the kept
     positions and re-padded (input_ids with pad_token_id, the rest with 0); others pass through."""
     shape = inputs["input_ids"].shape
@@ -495,7 +507,8 @@ def _llava_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, (LlavaModel, LlavaNextModel)):
         raise ValueError(
             "FoPru for transformers supports LlavaForConditionalGeneration, LlavaModel, "
-            f"LlavaNextForConditionalGeneration and LlavaNextModel, got {type(model).__name__}"
+            "LlavaNextForConditionalGeneration, LlavaNextModel and the Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, "
+            f"got {type(model).__name__}"
         )
     return model
 
@@ -503,38 +516,58 @@ def _llava_model(model: nn.Module) -> nn.Module:
 def apply_fopru(
     model: nn.Module,
     keep: int | None = None,
+    *,
     ratio: float | None = None,
     strategy: str = "rank",
-    score: str = "cls",
-    kind: str = "prob",
+    score: str = "focal",
+    kind: str = "logit",
     backend: str = "auto",
-) -> FoPruLlava | FoPruLlavaNext:
-    """Makes a LLaVA or LLaVA-NeXT model hand fewer image tokens per image to its language model.
+    layer: int | None = None,
+):
+    """Makes a LLaVA, LLaVA-NeXT or Qwen-VL model hand fewer image tokens per image to its language model.
 
     model: LlavaForConditionalGeneration / LlavaModel, or LlavaNextForConditionalGeneration /
-    LlavaNextModel, with a CLIP or SigLIP vision tower and one int vision_feature_layer. Give exactly
-    one of keep (tokens per image) or ratio (in [0, 1], via `retained_count`). LLaVA keeps `keep` of
-    its N patches per image; LLaVA-NeXT keeps every image_newline token plus min(keep, patches_i) or
-    retained_count(patches_i, ratio) of image i's packed patch tokens (see FoPruLlavaNext).
+    LlavaNextModel, with a CLIP or SigLIP vision tower and one int vision_feature_layer; or a
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (...ForConditionalGeneration or ...Model), served by
+    `integrations.qwen_vl.apply_fopru` (see there; score / kind default to 'focal' / 'logit', `layer`
+    picks the scored vision block). Give exactly one of keep (tokens per image) or ratio (in [0, 1], via
+    `retained_count`). LLaVA keeps `keep` of its N patches per image; LLaVA-NeXT keeps every image_newline
+    token plus min(keep, patches_i) or retained_count(patches_i, ratio) of image i's packed patch tokens
+    (see FoPruLlavaNext).
     strategy 'rank' | 'row' (LLaVA only; row needs keep to be a multiple of the grid width), score
-    'cls' (CLIP) | 'received' | 'focal', kind 'prob' | 'logit' (SPEC.md). Returns the handle; shorten
-    the processor's placeholders with `handle.prepare_inputs(inputs)` before `model.generate(**...)`
-    or `model(**...)`. Raises ValueError if FoPru is already applied.
+    'focal' (FoPru's, the default) | 'received' | 'cls' (CLIP), kind 'logit' (FoPru's, the default) |
+    'prob' (SPEC.md), backend 'auto' (FOPRU_BACKEND's choice) | 'cpu' | 'cuda' | 'triton' | 'reference'.
+    Returns the handle; shorten the processor's placeholders with `handle.prepare_inputs(inputs)`
+    before `model.generate(**...)` or `model(**...)`. Raises ValueError if FoPru is already applied
+    or backend is not one of those values.
     """
     from transformers import LlavaNextModel
 
+    from . import qwen_vl
+
+    check_backend(backend)
+    if qwen_vl.qwen_vl_model(model) is not None:
+        return qwen_vl.apply_fopru(model, keep, ratio=ratio, strategy=strategy, score=score, kind=kind, layer=layer,
+                                   backend=backend)
+    if layer is not None:
+        raise ValueError("layer is a Qwen-VL setting; LLaVA scores the layer of config.vision_feature_layer")
     inner = _llava_model(model)
     if (keep is None) == (ratio is None):
         raise ValueError(f"give exactly one of keep or ratio, got keep={keep}, ratio={ratio}")
     if getattr(inner, "_fopru", None) is not None:
         raise ValueError("FoPru is already applied to this model; call remove_fopru(model) first")
     handle_cls = FoPruLlavaNext if isinstance(inner, LlavaNextModel) else FoPruLlava
-    inner._fopru = handle_cls(inner, keep, ratio, strategy, score, kind, backend)
+    inner._fopru = handle_cls(inner, keep, ratio, strategy, score or "cls", kind or "prob", backend)
     return inner._fopru
 
 
 def remove_fopru(model: nn.Module) -> None:
     """Undoes apply_fopru: the model keeps all image tokens again. A no-op if FoPru is not applied."""
+    from . import qwen_vl
+
+    if qwen_vl.qwen_vl_model(model) is not None:
+        qwen_vl.remove_fopru(model)
+        return
     inner = _llava_model(model)
     handle = getattr(inner, "_fopru", None)
     if handle is not None:

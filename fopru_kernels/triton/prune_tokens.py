@@ -20,27 +20,28 @@ every ViT grid up to 64 x 64):
 Larger N falls back to staged kernels: significance, ``_select_kernel`` (one program per image,
 looping over chunks), ``_gather_kernel``.
 
-Measured on an H200 (Triton 3.6, torch 2.11, CUDA graph replay, warm clocks), LLaVA-1.5 shapes
-(N=576, H=16, D=1024, K=144, fp16): cls rank B=1 ~10 us per call (launch floor 1.1 us, CLS
-significance ~1 us, the rest the in-register selection, which is issue-bound); focal B=32
+Development numbers (ad hoc scripts never committed, an older revision; see
+benchmarks/results/2026-11-26-h200-triton-development.md): H200, Triton 3.6, torch 2.11, CUDA graph
+replay, LLaVA-1.5 shapes (N=576, H=16, D=1024, K=144, fp16): cls rank B=1 ~10 us per call (launch
+floor 1.1 us, CLS significance ~1 us, the rest the in-register selection, which is issue-bound); focal B=32
 ~200 us = 68% of device copy bandwidth; focal B=1 ~26 us (the map reduction is latency-bound).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from . import target
+
 FX_SCALE = tl.constexpr(268435456.0)  # 2^28: exact, so float32 and float64 give the same bits
 FX_CLAMP = tl.constexpr(256.0)
 INT64_MAX = tl.constexpr(9223372036854775807)
 INT64_MIN = tl.constexpr(-9223372036854775808)
 SCORE_FOCAL = tl.constexpr(0)
-SCORE_RECEIVED = tl.constexpr(1)
 SCORE_CLS = tl.constexpr(2)
 _SCORE_CODES = {"focal": 0, "received": 1, "cls": 2}
 
@@ -95,6 +96,104 @@ def _fx_head_sum(ptrs, mask, heads, H, s_ah, HEAD_BLOCK: tl.constexpr):
         acc += tl.sum(_fx(a), axis=0)
         a = nxt
     return acc
+
+
+# SPEC.md's focal rule in exact integers: the column sums win iff
+#   N * sum(col^2) - sum(col)^2 > N * sum(row^2) - sum(row)^2, i.e.
+#   N * sum(col^2) + sum(row)^2 > N * sum(row^2) + sum(col)^2   (no subtraction: both sides >= 0).
+# Triton has no 128-bit integers, so every quantity lives in int64 limbs of 32 bits: sums of
+# squares in four limbs, sums as (hi, lo), each side of the comparison in seven limbs. Exact for any
+# int64 vectors with N < 2^31 (csrc/fopru.h does the same with __int128 and 64-bit words).
+
+
+@triton.jit
+def _carry(lo, hi):
+    """(lo mod 2^32, hi + floor(lo / 2^32)): lo's carry (or borrow: the shift is arithmetic) moved
+    into the next limb."""
+    c = lo >> 32
+    return lo - (c << 32), hi + c
+
+
+@triton.jit
+def _mul32(a, b):
+    """a * b for int64 0 <= a, b < 2^32 as (low, high) 32-bit limbs: the product needs 64
+    unsigned bits."""
+    p = a.to(tl.uint64) * b.to(tl.uint64)
+    hi = p >> 32
+    return (p - (hi << 32)).to(tl.int64), hi.to(tl.int64)
+
+
+@triton.jit
+def _focal_sums(x, valid):
+    """sum(x^2) and sum(x) over the valid entries of the int64 tensor x (any shape): a tuple of
+    int64 scalars (sq0, sq1, sq2, sq3, hi, lo) with sum(x^2) = sum_k sq_k 2^(32 k) and
+    sum(x) = hi 2^32 + lo. Each summed term is below 2^34, so 2^29 of them fit."""
+    x = tl.where(valid, x, 0)
+    a = tl.where(x < 0, -x, x).to(tl.uint64, bitcast=True)  # |x|: -(-2^63) wraps to 2^63, right as uint64
+    a1 = (a >> 32).to(tl.int64)
+    a0 = (a - ((a >> 32) << 32)).to(tl.int64)
+    p0, p1 = _mul32(a0, a0)
+    q0, q1 = _mul32(a0, a1)
+    r0, r1 = _mul32(a1, a1)
+    hi = x >> 32
+    return (tl.sum(p0), tl.sum(p1 + 2 * q0), tl.sum(2 * q1 + r0), tl.sum(r1), tl.sum(hi), tl.sum(x - (hi << 32)))
+
+
+@triton.jit
+def _focal_add(s, t):
+    """s + t for two _focal_sums tuples, carried so every limb but the top one stays below 2^32:
+    a loop over chunks can add any number of them."""
+    s0, s1 = _carry(s[0] + t[0], s[1] + t[1])
+    s1, s2 = _carry(s1, s[2] + t[2])
+    s2, s3 = _carry(s2, s[3] + t[3])
+    lo, hi = _carry(s[5] + t[5], s[4] + t[4])
+    return s0, s1, s2, s3, hi, lo
+
+
+@triton.jit
+def _focal_side(a, b, n):
+    """n * sum(a^2) + sum(b)^2 from the _focal_sums tuples a and b: seven 32-bit limbs (a tuple),
+    each below 2^32. n < 2^31."""
+    a0, a1 = _carry(a[0], a[1])  # sum(a^2) in five limbs below 2^32
+    a1, a2 = _carry(a1, a[2])
+    a2, a3 = _carry(a2, a[3])
+    a3, a4 = _carry(a3, 0)
+    n = n.to(tl.int64)
+    w0, w1 = _carry(n * a0, n * a1)  # each product < 2^63
+    w1, w2 = _carry(w1, n * a2)
+    w2, w3 = _carry(w2, n * a3)
+    w3, w4 = _carry(w3, n * a4)
+    w4, w5 = _carry(w4, 0)
+    lo, hi = _carry(b[5], b[4])  # sum(b) = hi 2^32 + lo, 0 <= lo < 2^32
+    neg = hi < 0
+    borrow = (neg & (lo != 0)).to(tl.int64)
+    m0 = tl.where(borrow != 0, 4294967296 - lo, lo)  # |sum(b)| = m2 2^64 + m1 2^32 + m0
+    m1, m2 = _carry(tl.where(neg, -hi - borrow, hi), 0)
+    p0, p1 = _mul32(m0, m0)
+    q0, q1 = _mul32(m0, m1)
+    r0, r1 = _mul32(m1, m1)
+    s0, s1 = _mul32(m0, m2)
+    t0, t1 = _mul32(m1, m2)
+    u0, u1 = _mul32(m2, m2)
+    w0, w1 = _carry(w0 + p0, w1 + p1 + 2 * q0)
+    w1, w2 = _carry(w1, w2 + 2 * q1 + r0 + 2 * s0)
+    w2, w3 = _carry(w2, w3 + r1 + 2 * s1 + 2 * t0)
+    w3, w4 = _carry(w3, w4 + 2 * t1 + u0)
+    w4, w5 = _carry(w4, w5 + u1)
+    w5, w6 = _carry(w5, 0)
+    return w0, w1, w2, w3, w4, w5, w6
+
+
+@triton.jit
+def _focal_use_col(col, row, n):
+    """SPEC.md's focal rule from the _focal_sums of the column and the row sums (n entries each):
+    True for the column sums, False (ties too) for the row sums."""
+    x = _focal_side(col, row, n)  # n sum(col^2) + sum(row)^2
+    y = _focal_side(row, col, n)  # n sum(row^2) + sum(col)^2
+    gt = x[0] > y[0]
+    for k in tl.static_range(1, 7):  # the highest differing limb decides
+        gt = tl.where(x[k] == y[k], gt, x[k] > y[k])
+    return gt
 
 
 @triton.jit
@@ -234,31 +333,27 @@ def _map_sums_kernel(attn_ptr, col_ptr, row_ptr, N, H, P, s_ab, s_ah, s_aq, s_as
 
 
 @triton.jit
-def _focal_sig_kernel(col_ptr, row_ptr, sig_ptr, N, BLOCK: tl.constexpr):
-    """sig[b] = col[b] if its variance about m = mean(col) is larger, else row[b]; grid (B,)."""
+def _focal_sig_kernel(col_ptr, row_ptr, sig_ptr, N, s_b, s_n, BLOCK: tl.constexpr):
+    """sig[b] = col[b] or row[b] by SPEC.md's focal rule; col / row element (b, j) at
+    b * s_b + j * s_n, sig contiguous (B, N). Grid (B,)."""
     b = tl.program_id(0).to(tl.int64)
-    base = b * N
-    total = tl.zeros([BLOCK], tl.float64)
+    col = col_ptr + b * s_b
+    row = row_ptr + b * s_b
+    zero = tl.zeros([], tl.int64)
+    cs = (zero, zero, zero, zero, zero, zero)
+    rs = (zero, zero, zero, zero, zero, zero)
     for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        total += tl.load(col_ptr + base + j, mask=j < N, other=0).to(tl.float64)
-    mean = tl.sum(total, axis=0) / N
-    var_col = tl.zeros([BLOCK], tl.float64)
-    var_row = tl.zeros([BLOCK], tl.float64)
-    for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         m = j < N
-        dc = tl.load(col_ptr + base + j, mask=m, other=0).to(tl.float64) - mean
-        dr = tl.load(row_ptr + base + j, mask=m, other=0).to(tl.float64) - mean
-        var_col += tl.where(m, dc * dc, 0.0)
-        var_row += tl.where(m, dr * dr, 0.0)
-    src = row_ptr
-    if tl.sum(var_col, axis=0) > tl.sum(var_row, axis=0):  # ties go to row
-        src = col_ptr
+        cs = _focal_add(cs, _focal_sums(tl.load(col + j * s_n, mask=m, other=0), m))
+        rs = _focal_add(rs, _focal_sums(tl.load(row + j * s_n, mask=m, other=0), m))
+    src = row
+    if _focal_use_col(cs, rs, N):
+        src = col
     for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
         m = j < N
-        tl.store(sig_ptr + base + j, tl.load(src + base + j, mask=m), mask=m)
+        tl.store(sig_ptr + b * N + j, tl.load(src + j * s_n, mask=m), mask=m)
 
 
 @triton.jit
@@ -298,12 +393,7 @@ def _prune_fused_kernel(
         sig = tl.load(col_ptr + b * N + tok, mask=valid, other=0)
         if SCORE == SCORE_FOCAL:
             row = tl.load(row_ptr + b * N + tok, mask=valid, other=0)
-            mean = tl.sum(tl.sum(sig.to(tl.float64), axis=1), axis=0) / N
-            dc = sig.to(tl.float64) - mean
-            dr = row.to(tl.float64) - mean
-            var_col = tl.sum(tl.sum(tl.where(valid, dc * dc, 0.0), axis=1), axis=0)
-            var_row = tl.sum(tl.sum(tl.where(valid, dr * dr, 0.0), axis=1), axis=0)
-            sig = tl.where(var_col > var_row, sig, row)  # ties go to row
+            sig = tl.where(_focal_use_col(_focal_sums(sig, valid), _focal_sums(row, valid), N), sig, row)
 
     key = tl.broadcast_to(tl.sum(sig, axis=1)[:, None], (UNIT_BLOCK, W_BLOCK))
     tok = tl.reshape(tok, (UNIT_BLOCK * W_BLOCK,))
@@ -434,20 +524,14 @@ def _units(n: int, strategy: str, cols: int) -> tuple[int, int]:
     return (n // cols, cols) if strategy == "row" else (n, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _rows_per_program(batch: int, keep: int, device: torch.device) -> int:
     """Output rows per gather program. On a GPU: at most one program per SM, since every program
     of the fused kernel recomputes the selection, an issue-bound job that slows down when two
     programs share an SM. Under the interpreter (CPU tensors) programs run one after another:
     few, large ones."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return min(_pow2(keep), 256)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(_pow2(triton.cdiv(batch * keep, sms)), 64)
+    return min(_pow2(triton.cdiv(batch * keep, target.sm_count(device))), 64)
 
 
 def _block_d(d: int, rows: int) -> int:
@@ -456,7 +540,7 @@ def _block_d(d: int, rows: int) -> int:
 
 def _map_config(batch: int, heads: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """(query rows, keys, heads) per _map_sums_kernel program."""
-    if device.type != "cuda":  # the interpreter runs programs one after another: few, large tiles
+    if not target.for_gpu(device):  # the interpreter runs programs one after another: few, large tiles
         return 64, min(1024, _pow2(n)), max(heads, 1)
     qblocks = triton.cdiv(n, _MAP_BLOCK_Q)
     # Group heads per program (fewer atomics) only while there are programs to spare.
@@ -500,7 +584,17 @@ def significance(attn: torch.Tensor, score: str, num_prefix: int) -> torch.Tenso
         sums = _map_sums(attn, num_prefix, rows=score == "focal")
         if score == "received":
             return sums[0]
-        _focal_sig_kernel[(b,)](sums[0], sums[1], sig, n, BLOCK=min(_pow2(n), 1024))
+        return focal_significance(sums[0], sums[1])
+
+
+def focal_significance(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """SPEC.md's focal choice per image: col, row (B, N) int64 with the same strides (any) ->
+    sig (B, N) int64 contiguous, each row col[b] or row[b]. Launches on the current device."""
+    assert col.stride() == row.stride(), "col and row must share their strides"
+    b, n = col.shape
+    sig = torch.empty(b, n, dtype=torch.int64, device=col.device)
+    if b and n:
+        _focal_sig_kernel[(b,)](col, row, sig, n, col.stride(0), col.stride(1), BLOCK=min(_pow2(n), 1024))
     return sig
 
 
@@ -536,7 +630,7 @@ def _launch_prune(
     - the token tile fits (at most _MAX_TILE): fused_inputs() -> (score, attn, col, row) feeds one
       _prune_fused_kernel launch. score "cls" reads the CLS row of attn (B, H, Q, num_prefix + N),
       col and row None; "received" selects on col (B, N) int64 as given and "focal" picks col or
-      row (B, N) int64 by variance, attn None for both.
+      row (B, N) int64 by the exact focal rule, attn None for both.
     - else staged_sig() -> sig (B, N) int64 feeds _select_kernel, then _gather_kernel.
     """
     b, n, d = tokens.shape

@@ -21,8 +21,8 @@ Launches per call (lse: natural-log logsumexp over all S keys; "given" means pas
   closed form is only as good as the caller's lse, while the direct sum is SPEC.md's formula for
   any lse. Each program stores its partial row sums (float32, its key block only) and
   ``_row_means_kernel`` adds them in key-block order, so the result is deterministic.
-- Then ``focal`` picks col or row with ``prune_tokens.py``'s variance rule, in ``_focal_sig_kernel``
-  or inside the fused selection + gather kernel.
+- Then ``focal`` picks col or row with ``prune_tokens.py``'s exact integer rule, in
+  ``focal_significance`` or inside the fused selection + gather kernel.
 
 Not measured on a GPU yet: the GPU block sizes below are first choices, not tuned values.
 """
@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import prune_tokens as tk
+from . import target
 from .prune_tokens import _device_of, _fx, _pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -236,20 +237,20 @@ def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _tile_config(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M query rows, BLOCK_N keys, warps) of the tl.dot kernels."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return _CPU_BLOCK, _CPU_BLOCK, 4
     return _GPU_BLOCK_M, _GPU_BLOCK_N, 4
 
 
 def _dot_flags(q: torch.Tensor) -> tuple[bool, bool]:
     """(UPCAST, IEEE) of _dot_logits for q's dtype and device."""
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda
+    upcast = q.dtype == torch.bfloat16 and not target.for_gpu(q.device)
     return upcast, upcast or q.dtype == torch.float32
 
 
 def _vec_block(n: int, block_d: int, device: torch.device) -> int:
     """Tokens per program of the elementwise (tokens x d) kernels."""
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return max(1, min(_pow2(n), 1024))
     return max(16, min(_pow2(n), _VEC_TILE // block_d))
 
@@ -258,10 +259,9 @@ def _cls_block(batch: int, n: int, block_d: int, device: torch.device) -> int:
     """Tokens per _cls_kernel program: on a GPU, small enough for about two programs per SM (its
     head loop is latency-bound, so a small batch needs the spread), at most the tile cap."""
     block = _vec_block(n, block_d, device)
-    if device.type != "cuda":
+    if not target.for_gpu(device):
         return block
-    sms = tk._sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return min(block, max(16, _pow2(triton.cdiv(batch * n, 2 * sms))))
+    return min(block, max(16, _pow2(triton.cdiv(batch * n, 2 * target.sm_count(device)))))
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, row0: int, rows: int) -> torch.Tensor:
@@ -351,9 +351,35 @@ def significance_qk(
         sums = _patch_means(q, k, num_prefix, scale, lse, kind, rows=score == "focal")
         if score == "received":
             return sums[0]
-        sig = torch.empty(b, n, dtype=torch.int64, device=q.device)
-        tk._focal_sig_kernel[(b,)](sums[0], sums[1], sig, n, BLOCK=min(_pow2(n), 1024))
-    return sig
+        return tk.focal_significance(sums[0], sums[1])
+
+
+def significance_qk_parts(
+    q: torch.Tensor, k: torch.Tensor, score: str, num_prefix: int, scale: float,
+    lse: torch.Tensor | None, kind: str, layout: str,
+) -> torch.Tensor:
+    """The sums significance_qk chooses from (SPEC.md): (B, C, N) int64 contiguous, C = 2 for
+    focal ([:, 0] column sums, [:, 1] row sums), else 1 (cls values or column sums)."""
+    q, k = _bhsd(q, layout), _bhsd(k, layout)
+    b, _, s, _ = q.shape
+    n = s - num_prefix
+    c = 2 if score == "focal" else 1
+    if b == 0:
+        return torch.empty(0, c, n, dtype=torch.int64, device=q.device)
+    with _device_of(q):
+        if score == "cls":
+            return _cls_sig(q, k, num_prefix, scale, lse, kind)[:, None]
+        # (C, B, N) -> (B, C, N): one copy of B x C x N int64, next to the O(B H S d) kernels.
+        return _patch_means(q, k, num_prefix, scale, lse, kind, rows=c == 2).transpose(0, 1).contiguous()
+
+
+def significance_from_parts(parts: torch.Tensor) -> torch.Tensor:
+    """parts (B, C, N) int64 (any strides) -> sig (B, N) int64 contiguous: parts[:, 0] for C = 1,
+    the focal choice between parts[:, 0] and parts[:, 1] for C = 2."""
+    if parts.shape[1] == 1:
+        return parts[:, 0].clone(memory_format=torch.contiguous_format)
+    with _device_of(parts):
+        return tk.focal_significance(parts[:, 0], parts[:, 1])
 
 
 def prune_tokens_qk(

@@ -2,12 +2,9 @@
 the heads of one layer's q and k, and `prune_patches` with the group must keep on every rank exactly
 the tokens one process keeps with all heads."""
 import os
-import sys
 
 import torch
 import torch.distributed as dist
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def inputs(seed: int = 0):
@@ -20,13 +17,6 @@ def inputs(seed: int = 0):
 
 
 def rank_main(rank: int, world: int, port: int, plans, out_dir: str) -> None:
-    import fopru_kernels
-
-    if not hasattr(fopru_kernels, "significance_qk_parts"):  # TEMPORARY, see tp_shim
-        sys.path.insert(0, os.path.join(HERE, "tp_shim"))
-        import fopru_parts_shim
-
-        fopru_parts_shim.install()
     from fopru_kernels.integrations.vllm.common import prune_patches
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

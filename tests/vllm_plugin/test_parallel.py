@@ -8,14 +8,12 @@ tokens, the ones one rank with all heads keeps.
   the greedy output is TP = 1's. `mm_encoder_tp_mode="data"` is accepted; vLLM's LLaVA does not
   support it and falls back to splitting the heads ("weights"), so the same path runs.
 """
-import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import fopru_kernels as F
 from fopru_kernels.integrations.settings import parse_settings
 from fopru_kernels.integrations.vllm.common import PrunePlan, prune_patches
 
@@ -27,8 +25,6 @@ PLANS = [
     {"keep": 96, "strategy": "row", "score": "received", "kind": "logit"},
     {"keep": 100, "strategy": "rank", "score": "cls", "kind": "prob"},
 ]
-# TEMPORARY: until significance_qk_parts lands, every process of a TP run gets a stand-in (tp_shim).
-NEEDS_SHIM = not hasattr(F, "significance_qk_parts")
 
 
 def plan(raw) -> PrunePlan:
@@ -66,8 +62,6 @@ def per_image(batches: list[list[list[int]]]) -> list[list[int]]:
 @pytest.mark.parametrize("encoder_mode", ["weights", "data"])
 def test_tp2_keeps_tp1_tokens_on_every_rank(tmp_path, model_dir, tp1, encoder_mode):
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank; the default asks for 2 NUMA nodes
-    if NEEDS_SHIM:
-        env["PYTHONPATH"] = os.pathsep.join([cases.HERE, os.path.join(cases.HERE, "tp_shim")])
     args = {"tensor_parallel_size": 2, "mm_encoder_tp_mode": encoder_mode, "hf_overrides": {"fopru": cases.PAPER}}
     run = cases.run_engine(tmp_path, model_dir, args, env)
     assert run["classes"] == ["FoPruLlavaForConditionalGeneration"] * 2

@@ -1,6 +1,6 @@
 """Small CUDA calls of prune_tokens_varlen for compute-sanitizer (memcheck, racecheck); not a pytest module.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitizer_case_varlen.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitizer/case_prune_tokens_varlen.py
 
 Covers rank and row, int32 / int64 cu_seqlens, empty images and keep = 0 / n, strided tokens and sig,
 the global-memory key path, and a broken segment (which must give idx = -1 and zero rows without
@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE)]  # the in-place built package
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [ROOT]  # the in-place built package
 
 import fopru_kernels as F  # noqa: E402
 from fopru_kernels import reference  # noqa: E402
@@ -35,14 +35,14 @@ def _check(sizes, keep, strategy, grids, dtype, cu_dtype, seed, strided=False):
     tokens, sig, cu = _batch(sizes, 5, dtype, seed, strided)
     cu = cu.to(cu_dtype)
     want = reference.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids)
-    got = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu.cuda(), keep, strategy, grids, backend="cuda")
+    got = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu.cuda(), keep, strategy=strategy, grids=grids, backend="cuda")
     for w, g in zip(want, got):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w), (sizes, keep, strategy)
 
 
 def main() -> int:
     if not torch.cuda.is_available() or not F.HAS_CUDA_KERNELS:
-        print("sanitizer_case_varlen: needs a GPU and the library's CUDA kernels")
+        print("case_prune_tokens_varlen: needs a GPU and the library's CUDA kernels")
         return 1
     count = 0
     for force_global in ("0", "1"):
@@ -61,7 +61,7 @@ def main() -> int:
     assert torch.equal(pruned[3:].cpu(), torch.zeros(2, 4)) and out.tolist() == [0, 3, 5]
     count += 1
     torch.cuda.synchronize()
-    print(f"sanitizer_case_varlen: {count} cases match the reference")
+    print(f"case_prune_tokens_varlen: {count} cases match the reference")
     return 0
 
 

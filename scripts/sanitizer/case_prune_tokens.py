@@ -1,6 +1,6 @@
 """Small CUDA calls of every op for compute-sanitizer (memcheck, racecheck); not a pytest module.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitizer_case.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitizer/case_prune_tokens.py
 
 Covers cls / received / focal x rank / row, float16 / bfloat16 / float32 / float64 attention, every
 layout (contiguous, strided, expanded, padded rows: scalar and 16-byte vector map loads), 16/8/4/2-byte
@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tests/ (cases, test_cuda) and the in-place built package
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, test_cuda) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
 from cases import Case  # noqa: E402
@@ -43,7 +43,7 @@ def cases():
 
 def main() -> int:
     if not torch.cuda.is_available() or not F.HAS_CUDA_KERNELS:
-        print("sanitizer_case: needs a GPU and the library's CUDA kernels")
+        print("case_prune_tokens: needs a GPU and the library's CUDA kernels")
         return 1
     count = 0
     for force_global in ("0", "1"):
@@ -57,7 +57,7 @@ def main() -> int:
         check_case(c)
         count += 1
     torch.cuda.synchronize()
-    print(f"sanitizer_case: {count} cases match the reference")
+    print(f"case_prune_tokens: {count} cases match the reference")
     return 0
 
 

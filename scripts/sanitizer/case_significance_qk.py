@@ -1,8 +1,8 @@
 """Small CUDA calls of significance_qk / prune_tokens_qk for compute-sanitizer; not a pytest module.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitizer_case_qk.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python tests/sanitizer_case_qk.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitizer_case_qk.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitizer/case_significance_qk.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python scripts/sanitizer/case_significance_qk.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python scripts/sanitizer/case_significance_qk.py
 
 Covers every path of csrc/cuda/significance_qk.cu: cls / received / focal x prob / logit, lse given
 (contiguous and strided) or computed, float16 / bfloat16 / float32 (tensor-core and FMA tiles),
@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # tests/ (test_qk, cases) and the in-place built package
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (test_qk, cases) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
 from test_qk import QKCase, check_case, make_qk  # noqa: E402
@@ -42,7 +42,7 @@ def cases():
 
 def main() -> int:
     if not torch.cuda.is_available() or not F.HAS_CUDA_KERNELS:
-        print("sanitizer_case_qk: needs a GPU and the library's CUDA kernels")
+        print("case_significance_qk: needs a GPU and the library's CUDA kernels")
         return 1
     count = 0
     for c in cases():
@@ -57,7 +57,7 @@ def main() -> int:
         check_case(c, "cuda", "cuda")
         count += 1
     torch.cuda.synchronize()
-    print(f"sanitizer_case_qk: {count} cases match the oracle")
+    print(f"case_significance_qk: {count} cases match the oracle")
     return 0
 
 

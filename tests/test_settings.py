@@ -3,7 +3,7 @@ hf_overrides["fopru"]), its defaults (the paper's), and one ValueError naming th
 import pytest
 
 import fopru_kernels as F
-from fopru_kernels.integrations.settings import FoPruSettings, parse_settings
+from fopru_kernels.integrations.settings import FoPruSettings, parse_settings, settings_from_arguments
 
 
 def test_defaults_follow_the_paper():
@@ -22,8 +22,8 @@ def test_every_key_is_taken():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({}, "exactly one of 'keep'"),
-        ({"keep": 4, "ratio": 0.5}, "exactly one of 'keep'"),
+        ({}, "^fopru: give exactly one of 'keep'"),
+        ({"keep": 4, "ratio": 0.5}, "^fopru: give exactly one of 'keep'"),
         ({"keep": 0}, r"fopru.keep must be an int >= 1"),
         ({"keep": -3}, r"fopru.keep must be an int >= 1"),
         ({"keep": 2.0}, r"fopru.keep must be an int >= 1"),
@@ -34,7 +34,7 @@ def test_every_key_is_taken():
         ({"ratio": "0.5"}, r"fopru.ratio must be a number in \(0, 1\]"),
         ({"keep": 4, "strategy": "top"}, r"fopru.strategy must be one of 'rank', 'row', got 'top'"),
         ({"keep": 4, "score": "mean"}, r"fopru.score must be one of 'focal', 'received', 'cls', got 'mean'"),
-        ({"keep": 4, "kind": "softmax"}, r"fopru.kind must be one of 'logit', 'prob', got 'softmax'"),
+        ({"keep": 4, "kind": "softmax"}, r"fopru.kind must be one of 'prob', 'logit', got 'softmax'"),
         ({"keep": 4, "backend": "gpu"}, r"fopru.backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference'"),
         ({"keep": 4, "layer": "-2"}, r"fopru.layer must be an int"),
         ({"keep": 4, "keeep": 3}, r"fopru.keeep is not a setting; allowed keys: 'keep', 'ratio'"),
@@ -84,3 +84,26 @@ def test_kept_count_refuses_what_the_image_cannot_give(raw, message):
                                          ({"ratio": 0.25}, 2001, 500)])
 def test_budget_never_exceeds_the_sequence(raw, n, kept):
     assert parse_settings(raw).budget(n) == kept
+
+
+def test_arguments_are_checked_by_the_same_rules_and_named_as_arguments():
+    """The transformers adapters' keyword arguments go through parse_settings too; None means left out."""
+    s = settings_from_arguments(keep=4, ratio=None, strategy="row", score=None, kind=None, layer=None, backend=None)
+    assert s == FoPruSettings(keep=4, strategy="row")
+    for kwargs, message in [
+        (dict(keep=0), r"^keep must be an int >= 1"),
+        (dict(keep=4, ratio=0.5), r"^give exactly one of 'keep'"),
+        (dict(keep=4, kind="softmax"), r"^kind must be one of 'prob', 'logit', got 'softmax'"),
+        (dict(keep=4, backend="gpu"), r"^backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference', got 'gpu'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            settings_from_arguments(**kwargs)
+    with pytest.raises(ValueError, match=r"^keep must be in \[1, 16\]"):
+        settings_from_arguments(keep=17).kept_count(16, (4, 4))  # model-specific checks name the argument too
+
+
+def test_require_names_the_key_the_value_and_why():
+    s = parse_settings({"keep": 4, "score": "cls"})
+    s.require("strategy", ("rank",), "no grid")
+    with pytest.raises(ValueError, match=r"^fopru.score must be one of 'focal', 'received' \(no CLS token\), got 'cls'$"):
+        s.require("score", ("focal", "received"), "no CLS token")

@@ -26,10 +26,10 @@ def start(model_dir, fopru, **engine):
         ({"ratio": 0.0}, r"fopru.ratio must be a number in \(0, 1\]"),
         ({"ratio": 1.25}, r"fopru.ratio must be a number in \(0, 1\]"),
         ({"ratio": 0.001}, r"fopru.ratio=0.001 keeps no token of an image's 576 patches"),
-        ({"keep": 144, "ratio": 0.25}, r"fopru needs exactly one of 'keep'"),
+        ({"keep": 144, "ratio": 0.25}, r"fopru: give exactly one of 'keep'"),
         ({"keep": 144, "score": "attention"}, r"fopru.score must be one of 'focal', 'received', 'cls'"),
         ({"keep": 144, "strategy": "top"}, r"fopru.strategy must be one of 'rank', 'row'"),
-        ({"keep": 144, "kind": "softmax"}, r"fopru.kind must be one of 'logit', 'prob'"),
+        ({"keep": 144, "kind": "softmax"}, r"fopru.kind must be one of 'prob', 'logit'"),
         ({"keep": 100, "strategy": "row"}, r"fopru.keep=100 with strategy 'row' must be a multiple of the grid's 24 "
                                            r"columns \(whole rows\); nearest allowed: 96, 120"),
         ({"keep": 144, "layer": -1}, r"fopru.layer must name an attention layer vLLM builds.*\[1, 2\] or \[-3, -2\]"),
@@ -45,7 +45,7 @@ def test_bad_setting_stops_the_engine_at_start(model_dir, fopru, message):
 
 
 def test_llava_next_takes_rank_only(next_model_dir):
-    with pytest.raises(ValueError, match=r"fopru.strategy must be 'rank' for LLaVA-NeXT"):
+    with pytest.raises(ValueError, match=r"fopru.strategy must be one of 'rank' \(LLaVA-NeXT's packed image sequence is no single grid\), got 'row'"):
         start(next_model_dir, {"keep": 144, "strategy": "row"}, **cases.NEXT_ENGINE)
 
 

@@ -134,7 +134,7 @@ def prune_patches(
     return gather_rows(tokens, idx), idx
 
 
-def check_backend(settings: FoPruSettings, device: torch.device) -> None:
+def check_device_backend(settings: FoPruSettings, device: torch.device) -> None:
     """Refuses at model construction a forced backend that cannot run on the model's device."""
     available = fopru.available_backends(device)
     if settings.backend != "auto" and settings.backend not in available:
@@ -142,3 +142,4 @@ def check_backend(settings: FoPruSettings, device: torch.device) -> None:
             f"fopru.backend={settings.backend!r} cannot run on {device} in this install; allowed here: "
             f"{', '.join(repr(b) for b in ['auto', *available])}"
         )
+

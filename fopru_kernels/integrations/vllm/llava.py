@@ -26,7 +26,7 @@ from vllm.model_executor.models.utils import get_layer_index
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..settings import FoPruSettings, parse_settings
-from .common import PrunePlan, QKVCapture, check_backend, prune_patches, scored_layer_index
+from .common import PrunePlan, QKVCapture, check_device_backend, prune_patches, scored_layer_index
 
 
 def clip_tower_plan(hf_config, settings: FoPruSettings, keep) -> PrunePlan:
@@ -65,7 +65,7 @@ def llava_plan(hf_config) -> PrunePlan | None:
 
 def capture_scored_layer(model, plan: PrunePlan, device) -> QKVCapture:
     """Checks the backend for the model's device and hooks the scored CLIP layer's qkv projection."""
-    check_backend(plan.settings, torch.device(device))
+    check_device_backend(plan.settings, torch.device(device))
     attn = model.vision_tower.vision_model.encoder.layers[plan.layer_index].self_attn
     return QKVCapture(attn.qkv_proj, attn.scale)
 

@@ -29,13 +29,10 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 import fopru_kernels as fopru
 
+from ..llava_next import NEWLINE_SIG, NEWLINE_SOURCE, require_rank
 from ..settings import parse_settings
-from ..transformers import NEWLINE_SIG
 from .common import PrunePlan, significance
 from .llava import capture_scored_layer, clip_tower_plan, tp_group
-
-NEWLINE = -1  # the packed "source" of an image_newline token (no crop token)
-
 
 def llava_next_plan(hf_config) -> PrunePlan | None:
     """The prune plan of a LLaVA-NeXT config (None without a `fopru` key); ValueError naming the key."""
@@ -43,11 +40,7 @@ def llava_next_plan(hf_config) -> PrunePlan | None:
     if raw is None:
         return None
     settings = parse_settings(raw)
-    if settings.strategy != "rank":
-        raise ValueError(
-            "fopru.strategy must be 'rank' for LLaVA-NeXT (its packed image sequence is no single grid), "
-            f"got {settings.strategy!r}"
-        )
+    require_rank(settings)
 
     def base_crop_budget(patches: int, grid) -> int:  # every image has at least its base crop's patches
         kept = settings.budget(patches)
@@ -111,11 +104,11 @@ class FoPruLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         self.fopru_capture = capture_scored_layer(self, self.fopru, vllm_config.device_config.device)
 
     def _sources(self, image_size: torch.Tensor, first_crop: int, crops: int) -> torch.Tensor:
-        """(n,) int64: the crop token each packed token of one image comes from, NEWLINE for a newline,
+        """(n,) int64: the crop token each packed token of one image comes from, NEWLINE_SOURCE for a newline,
         packed by vLLM's own `_merge_image_patch_embeddings` (on 1-wide int64 'features')."""
         n = self.fopru.patches
         source = torch.arange(first_crop * n, (first_crop + crops) * n, dtype=torch.int64).view(crops, n, 1)
-        packer = types.SimpleNamespace(config=self.config, image_newline=torch.tensor([NEWLINE]))
+        packer = types.SimpleNamespace(config=self.config, image_newline=torch.tensor([NEWLINE_SOURCE]))
         merge = LlavaNextForConditionalGeneration._merge_image_patch_embeddings
         return merge(packer, image_size.cpu(), source, strategy="spatial_unpad").reshape(-1)
 
@@ -130,14 +123,14 @@ class FoPruLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         firsts = torch.tensor([0] + crops[:-1]).cumsum(0).tolist()
         sources = [self._sources(image_input["image_sizes"][i], firsts[i], crops[i]) for i in range(len(packed))]
         budget = self.fopru.settings.budget
-        keep = [int((s == NEWLINE).sum()) + budget(int((s != NEWLINE).sum())) for s in sources]
+        keep = [int((s == NEWLINE_SOURCE).sum()) + budget(int((s != NEWLINE_SOURCE).sum())) for s in sources]
         source = torch.cat(sources).to(sig.device)
-        packed_sig = torch.where(source == NEWLINE, NEWLINE_SIG, sig[source.clamp(min=0)])
+        packed_sig = torch.where(source == NEWLINE_SOURCE, NEWLINE_SIG, sig[source.clamp(min=0)])
         cu_seqlens = torch.tensor([0] + [s.numel() for s in sources], dtype=torch.int64).cumsum(0).to(sig.device)
         pruned, idx, cu_out = fopru.prune_tokens_varlen(
             torch.cat(packed), packed_sig, cu_seqlens, keep, strategy="rank", backend=self.fopru.settings.backend
         )
         first = torch.repeat_interleave(torch.tensor(firsts), torch.tensor([t.numel() for t in sources]))
-        local = torch.where(source == NEWLINE, NEWLINE, source - first.to(source.device) * self.fopru.patches)
+        local = torch.where(source == NEWLINE_SOURCE, NEWLINE_SOURCE, source - first.to(source.device) * self.fopru.patches)
         self.fopru_last_source, self.fopru_last_cu_seqlens = local[idx], cu_out
         return list(pruned.split(keep))

@@ -227,7 +227,7 @@ class FoPruQwenVL:
         runs = self.selection_runs(grid_thw, modality)
         features = torch.cat(out.pooler_output)
         idx = self._prune(features, grid_thw, runs)
-        kept = _kept_per_media(runs, [len(f) for f in out.pooler_output])
+        kept = kept_per_media(runs, [len(f) for f in out.pooler_output])
         out.pooler_output = tuple(features[idx].split(kept))
         if getattr(out, "deepstack_features", None) is not None:
             out.deepstack_features = [tuple(torch.cat(f)[idx].split(kept)) for f in out.deepstack_features]
@@ -350,8 +350,9 @@ class FoPruQwenVL:
         self.capture.remove()
 
 
-def _kept_per_media(runs: list[Run], per_media: list[int]) -> list[int]:
-    """Kept counts per media (a Qwen3-VL video's frames summed) from the runs and the media sizes."""
+def kept_per_media(runs: list[Run], per_media: list[int]) -> list[int]:
+    """Kept counts per media (a Qwen3-VL video's frames summed) from the runs and the media sizes
+    (merged tokens per media item)."""
     out, i = [], 0
     for n in per_media:
         total = 0
@@ -374,6 +375,13 @@ def _window_to_raster(visual: nn.Module, grid_thw) -> torch.Tensor:
         if get is None:
             raise ValueError("found no Qwen2.5-VL window index function: unsupported transformers version")
         window_index = get(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+    return raster_order(window_index)
+
+
+def raster_order(window_index: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL: window_index (T,) (the encoder's merged-token order: window_index[j] is the raster index
+    of the j-th merged token the encoder sees) -> the permutation taking per-token values from encoder
+    order to raster order (values[raster_order(window_index)])."""
     return torch.argsort(window_index)
 
 

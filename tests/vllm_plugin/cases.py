@@ -69,13 +69,14 @@ def transformers_generate(model, processor, request, handle=None) -> dict:
     }
 
 
-def run_engine(tmp_path, model_dir, engine_args: dict, env: dict | None = None) -> dict:
-    """cases.requests() through an engine in a process of its own (run_engine.py); its JSON result."""
+def run_engine(tmp_path, model_dir, engine_args: dict, env: dict | None = None, suite: str = "llava") -> dict:
+    """A suite's requests (run_engine.py: 'llava' or 'qwen:FAMILY') through an engine in a process of its
+    own; its JSON result."""
     out = tmp_path / "result.json"
     full_env = {**os.environ, "PYTHONPATH": HERE, **(env or {})}
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the default there, as a user runs it
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "run_engine.py"), str(out), json.dumps(engine_args), model_dir],
+        [sys.executable, os.path.join(HERE, "run_engine.py"), str(out), json.dumps(engine_args), model_dir, suite],
         cwd=str(tmp_path), env=full_env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

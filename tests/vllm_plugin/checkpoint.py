@@ -48,21 +48,25 @@ CORPUS = [
 ]
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def train_tokenizer(specials: list[str], corpus: list[str], chat_template: str, **tokens) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (vocabulary 400) trained here on `corpus`, with `specials` as special
+    tokens (ids 0, 1, ... in that order); tokens: PreTrainedTokenizerFast's token arguments."""
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(CORPUS * 4, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tok.chat_template = CHAT_TEMPLATE
+    bpe.train_from_iterator(corpus * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
+    tok.chat_template = chat_template
     return tok
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer(SPECIALS, CORPUS, CHAT_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                           extra_special_tokens={"image_token": "<image>"})
 
 
 def _vllm_weight_names(path: str) -> None:

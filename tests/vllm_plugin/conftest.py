@@ -41,6 +41,21 @@ def next_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """qwen_dir(family) -> the tiny Qwen-VL checkpoint of that family ('qwen2', 'qwen2_5', 'qwen3'), built once."""
+    import qwen_checkpoint
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = qwen_checkpoint.build(str(tmp_path_factory.mktemp(f"tiny-{family}")), family)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def image_token(model_dir):
     from transformers import AutoConfig
 

@@ -49,9 +49,34 @@ def test_llava_next_takes_rank_only(next_model_dir):
         start(next_model_dir, {"keep": 144, "strategy": "row"}, **cases.NEXT_ENGINE)
 
 
+@pytest.mark.parametrize(
+    "family, fopru, engine, message",
+    [
+        ("qwen2_5", {"keep": 8, "score": "cls"}, {},
+         r"fopru.score must be one of 'focal', 'received' \(Qwen-VL towers have no CLS token\), got 'cls'"),
+        ("qwen2_5", {"keep": 8, "layer": 0}, {},
+         r"fopru.layer must index a full-attention block of the vision tower, one of \[1, 3\], got 0"),
+        ("qwen3", {"keep": 8, "layer": -4}, {},
+         r"fopru.layer must index a full-attention block of the vision tower, one of \[0, 1, 2\], got -4"),
+        ("qwen2", {"ratio": 1.5}, {}, r"fopru.ratio must be a number in \(0, 1\]"),
+        ("qwen3", {"keep": 8, "strategy": "column"}, {}, r"fopru.strategy must be one of 'rank', 'row', got 'column'"),
+        ("qwen2_5", {"keep": 8}, {"video_pruning_rate": 0.5},
+         r"fopru: FoPru prunes images and videos itself and cannot be combined with vLLM's video pruning "
+         r"\(video_pruning_rate=0.5\)"),
+    ],
+)
+def test_bad_qwen_setting_stops_the_engine_at_start(qwen_dir, family, fopru, engine, message):
+    import qwen_cases
+
+    with pytest.raises(ValueError, match=message):
+        start(qwen_dir(family), fopru, **{**qwen_cases.ENGINE, **engine})
+
+
 def test_unsupported_architecture_is_refused(text_model_dir):
     with pytest.raises(ValueError, match=r"fopru: the FoPru plugin does not support architecture 'LlamaForCausalLM'; "
-                                         r"supported: 'LlavaForConditionalGeneration', 'LlavaNextForConditionalGeneration'"):
+                                         r"supported: 'LlavaForConditionalGeneration', 'LlavaNextForConditionalGeneration', "
+                                         r"'Qwen2VLForConditionalGeneration', 'Qwen2_5_VLForConditionalGeneration', "
+                                         r"'Qwen3VLForConditionalGeneration'"):
         start(text_model_dir, {"keep": 144})
 
 

@@ -10,8 +10,10 @@ Settings are checked when vLLM resolves the model's architecture (it builds its 
 engine start), by the processing info and by the model's constructor, so a bad setting or an
 unsupported architecture stops the engine at start with one ValueError naming the key.
 
-Adding a model family: write its subclass (see `llava.py`, with a `fopru_plan(hf_config)`
-classmethod that validates the settings against the model's config) and add its architecture here.
+Families: LLaVA-1.5 (`llava.py`), LLaVA-NeXT (`llava_next.py`), Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+(`qwen_models.py` on `qwen_vl.py`, positions in `mrope.py`). Adding one: write its subclass, with a
+`fopru_plan(hf_config)` classmethod that validates the settings against the model's config, and add its
+architecture here.
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": (
         "fopru_kernels.integrations.vllm.llava_next:FoPruLlavaNextForConditionalGeneration"
     ),
+    **{
+        arch: f"fopru_kernels.integrations.vllm.qwen_models:FoPru{arch}"
+        for arch in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "Qwen3VLForConditionalGeneration")
+    },
 }
 
 

@@ -143,3 +143,22 @@ def check_device_backend(settings: FoPruSettings, device: torch.device) -> None:
             f"{', '.join(repr(b) for b in ['auto', *available])}"
         )
 
+
+# Integers riding along embeddings as extra channels, exactly: each int64 becomes its 8 bytes, one
+# channel each (0..255 is exact in float32, bfloat16 and float16). This lets vLLM's own code move
+# them with the rows it moves (the data-parallel encoder's all-gather, the encoder cache, chunked
+# prefill's row slices) without a second channel of communication.
+BYTES = 8
+
+
+def append_ints(rows: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
+    """rows (R, D) float, ints (R, C) int64 -> (R, D + 8 C) in rows' dtype, ints as byte channels."""
+    as_bytes = ints.contiguous().view(torch.uint8).view(ints.shape[0], -1)
+    return torch.cat([rows, as_bytes.to(rows.dtype)], dim=1)
+
+
+def split_ints(rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of append_ints: (R, D + 8 count) -> rows (R, D), ints (R, count) int64."""
+    width = BYTES * count
+    values = rows[:, rows.shape[1] - width:].round().to(torch.uint8).contiguous()
+    return rows[:, : rows.shape[1] - width], values.view(torch.int64).view(rows.shape[0], count)

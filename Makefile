@@ -3,6 +3,7 @@
 #   make test   build, run the test suite (Triton kernels under TRITON_INTERPRET=1) and the CMake/ctest build
 #   make triton-compile-check   compile every Triton kernel the GPU path launches, for sm_90, with the
 #               venv's Triton and the GPU host's (no GPU needed)
+#   make test-vllm  vLLM's CPU build in .venv-vllm with this package built against its torch, then tests/vllm_plugin
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ TORCH_VERSION ?= 2.14.1
 export MAX_JOBS ?= 2
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu)
 
-.PHONY: demo test pytest build cmake-test bench clean triton-compile-check
+.PHONY: demo test pytest build cmake-test bench clean triton-compile-check test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,13 @@ cmake-test: $(VENV)/.installed
 	ctest --test-dir cmake-build --output-on-failure
 
 test: pytest cmake-test
+
+# The vLLM plugin's tests need vLLM's CPU build (torch 2.13.0), so they run in a venv of their own;
+# scripts/vllm_env.sh makes it from nothing and installs this package into it (built there).
+# Run from tests/vllm_plugin so the installed package, not the in-place build, is imported.
+test-vllm:
+	bash scripts/vllm_env.sh .venv-vllm
+	cd tests/vllm_plugin && ../../.venv-vllm/bin/python -m pytest -q .
 
 # scripts/triton_compile_check.py with the venv's Triton, then with the GPU host's Triton
 # (TRITON_GPU_HOST), installed into a directory of its own and put first on PYTHONPATH, never into

@@ -6,6 +6,10 @@ import torch
 
 import fopru_kernels as F
 
+# The vLLM plugin's tests need vLLM's CPU build and its own torch: `make test-vllm` runs them in
+# .venv-vllm against the installed package (tests/vllm_plugin/pytest.ini).
+collect_ignore = ["vllm_plugin"]
+
 
 def cpu_backends() -> list[str]:
     """Every backend that runs CPU tensors in this install (triton only under TRITON_INTERPRET=1)."""

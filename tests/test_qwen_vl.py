@@ -306,12 +306,12 @@ def test_settings_are_checked():
     model = tiny("qwen2_5")
     for kwargs, pattern in [
         (dict(keep=3, layer=0), r"layer must index a full-attention block of the vision tower, one of \[1, 3\], got 0"),
-        (dict(keep=3, score="cls"), r"score must be 'focal' or 'received' \(Qwen-VL towers have no CLS token\)"),
-        (dict(keep=3, kind="softmax"), r"kind must be 'logit' or 'prob'"),
-        (dict(keep=0), r"keep must be an int >= 1"),
-        (dict(ratio=0.0), r"ratio must be in \(0, 1\]"),
-        (dict(keep=3, ratio=0.5), r"give exactly one of keep or ratio"),
-        (dict(keep=3, strategy="top"), r"strategy must be 'rank' or 'row'"),
+        (dict(keep=3, score="cls"), r"score must be one of 'focal', 'received' \(Qwen-VL towers have no CLS token\), got 'cls'"),
+        (dict(keep=3, kind="softmax"), r"kind must be one of 'prob', 'logit', got 'softmax'"),
+        (dict(keep=0), r"^keep must be an int >= 1"),
+        (dict(ratio=0.0), r"^ratio must be a number in \(0, 1\]"),
+        (dict(keep=3, ratio=0.5), r"^give exactly one of 'keep'"),
+        (dict(keep=3, strategy="top"), r"^strategy must be one of 'rank', 'row', got 'top'"),
         (dict(keep=3, backend="gpu"), r"backend must be one of .* got 'gpu'"),
     ]:
         with pytest.raises(ValueError, match=pattern):

@@ -1,7 +1,10 @@
 """Adapters that put FoPru pruning into model code.
 
-`fopru_kernels.integrations.transformers`: Hugging Face transformers (CLIP / SigLIP vision towers,
-LLaVA, LLaVA-NeXT); its `apply_fopru` also serves Qwen2-VL, Qwen2.5-VL and Qwen3-VL through
-`fopru_kernels.integrations.qwen_vl`. Import the submodule you need; nothing here imports a model
-library eagerly, so the package keeps torch as its only dependency.
+- `integrations.transformers`: the entry point for Hugging Face transformers, `apply_fopru` /
+  `remove_fopru`, for LLaVA (`llava`), LLaVA-NeXT (`llava_next`), Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+  (`qwen_vl`), with the CLIP / SigLIP tower tools (`towers`) and placeholder editing (`prompts`).
+- `integrations.vllm`: the vLLM plugin (entry point `vllm.general_plugins`).
+- `integrations.settings`: the one validator of the settings every integration takes.
+Import the submodule you need; nothing here imports a model library eagerly, so the package keeps
+torch as its only dependency.
 """

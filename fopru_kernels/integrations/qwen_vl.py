@@ -38,12 +38,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops import BACKENDS, prune_tokens_qk_varlen, prune_tokens_varlen, significance_qk_varlen
+from ..ops import prune_tokens_qk_varlen, prune_tokens_varlen, significance_qk_varlen
 from ..reference import retained_count
-from .transformers import compact_inputs, keep_placeholder_runs
+from .prompts import compact_inputs, keep_placeholder_runs
+from .settings import FoPruSettings, settings_from_arguments
 
-_SCORES = ("focal", "received")
-_KINDS = ("logit", "prob")
+SCORES = ("focal", "received")  # Qwen-VL towers have no CLS token
 
 
 def qwen_vl_model(model: nn.Module) -> nn.Module | None:
@@ -148,6 +148,23 @@ def selection_runs(grid_thw, modality: str, *, keep: int | None = None, ratio: f
     return runs
 
 
+def check_settings(settings: FoPruSettings) -> None:
+    """The Qwen-VL-specific refusals of generally valid settings (no CLS token to score with)."""
+    settings.require("score", SCORES, "Qwen-VL towers have no CLS token")
+
+
+def scored_block(settings: FoPruSettings, full: list[int], depth: int) -> int:
+    """Index (in [0, depth)) of the vision block FoPru scores: settings.layer (negative counts from the
+    end), or the last full-attention block. full: the tower's full-attention blocks (Qwen2.5-VL's
+    fullatt_block_indexes; every block of Qwen2-VL and Qwen3-VL). ValueError naming the layer setting."""
+    layer = full[-1] if settings.layer is None else settings.layer
+    if not -depth <= layer < depth or layer % depth not in full:
+        raise ValueError(
+            f"{settings.key('layer')} must index a full-attention block of the vision tower, one of {full}, got {layer}"
+        )
+    return layer % depth
+
+
 class FoPruQwenVL:
     """FoPru hooks on a Qwen-VL model; made by `apply_fopru`, undone by `remove_fopru` (or `.remove()`).
 
@@ -156,28 +173,14 @@ class FoPruQwenVL:
     Inference only.
     """
 
-    def __init__(self, inner: nn.Module, keep: int | None, ratio: float | None, strategy: str, score: str,
-                 kind: str, layer: int | None, backend: str):
+    def __init__(self, inner: nn.Module, settings: FoPruSettings):
         visual = inner.visual
-        if (keep is None) == (ratio is None):
-            raise ValueError(f"give exactly one of keep or ratio, got keep={keep}, ratio={ratio}")
-        if keep is not None and (not isinstance(keep, int) or keep < 1):
-            raise ValueError(f"keep must be an int >= 1 (merged tokens per image), got {keep}")
-        if ratio is not None and not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        if strategy not in ("rank", "row"):
-            raise ValueError(f"strategy must be 'rank' or 'row', got {strategy!r}")
-        if score not in _SCORES:
-            raise ValueError(f"score must be 'focal' or 'received' (Qwen-VL towers have no CLS token), got {score!r}")
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be 'logit' or 'prob', got {kind!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        check_settings(settings)
         full = list(getattr(visual, "fullatt_block_indexes", range(len(visual.blocks))))
-        block = full[-1] if layer is None else layer
-        if not isinstance(block, int) or not -len(visual.blocks) <= block < len(visual.blocks) or block % len(visual.blocks) not in full:
-            raise ValueError(f"layer must index a full-attention block of the vision tower, one of {full}, got {layer}")
-        self.keep, self.ratio, self.strategy, self.score, self.kind, self.backend = keep, ratio, strategy, score, kind, backend
+        block = scored_block(settings, full, len(visual.blocks))
+        self.settings = settings
+        self.keep, self.ratio, self.strategy = settings.keep, settings.ratio, settings.strategy
+        self.score, self.kind, self.backend = settings.score, settings.kind, settings.backend
         self.merge = visual.spatial_merge_size
         self.windowed = hasattr(visual, "fullatt_block_indexes")  # Qwen2.5-VL: encoder order is window order
         self.frames_apart = hasattr(visual, "deepstack_visual_indexes")  # Qwen3-VL: timestamps split a video's frames
@@ -187,7 +190,7 @@ class FoPruQwenVL:
         self.last_cu_seqlens: dict[str, torch.Tensor] = {}
         self._inner, self._encoding, self._call = inner, False, {}
         self._encoded: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # modality -> (grid_thw, kept per run)
-        self.capture = QwenQKCapture(visual, block % len(visual.blocks))
+        self.capture = QwenQKCapture(visual, block)
         self._hooks = [
             inner.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
             inner.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True),
@@ -224,7 +227,7 @@ class FoPruQwenVL:
         runs = self.selection_runs(grid_thw, modality)
         features = torch.cat(out.pooler_output)
         idx = self._prune(features, grid_thw, runs)
-        kept = _kept_per_media(runs, [len(f) for f in out.pooler_output])
+        kept = kept_per_media(runs, [len(f) for f in out.pooler_output])
         out.pooler_output = tuple(features[idx].split(kept))
         if getattr(out, "deepstack_features", None) is not None:
             out.deepstack_features = [tuple(torch.cat(f)[idx].split(kept)) for f in out.deepstack_features]
@@ -347,8 +350,9 @@ class FoPruQwenVL:
         self.capture.remove()
 
 
-def _kept_per_media(runs: list[Run], per_media: list[int]) -> list[int]:
-    """Kept counts per media (a Qwen3-VL video's frames summed) from the runs and the media sizes."""
+def kept_per_media(runs: list[Run], per_media: list[int]) -> list[int]:
+    """Kept counts per media (a Qwen3-VL video's frames summed) from the runs and the media sizes
+    (merged tokens per media item)."""
     out, i = [], 0
     for n in per_media:
         total = 0
@@ -371,6 +375,13 @@ def _window_to_raster(visual: nn.Module, grid_thw) -> torch.Tensor:
         if get is None:
             raise ValueError("found no Qwen2.5-VL window index function: unsupported transformers version")
         window_index = get(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+    return raster_order(window_index)
+
+
+def raster_order(window_index: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL: window_index (T,) (the encoder's merged-token order: window_index[j] is the raster index
+    of the j-th merged token the encoder sees) -> the permutation taking per-token values from encoder
+    order to raster order (values[raster_order(window_index)])."""
     return torch.argsort(window_index)
 
 
@@ -435,14 +446,21 @@ def apply_fopru(model: nn.Module, keep: int | None = None, *, ratio: float | Non
     strategy 'rank' | 'row' (whole rows of the merged grid), score 'focal' | 'received', kind 'logit'
     (FoPru's scaled logits) | 'prob'; layer: the vision block scored (default the last full-attention
     block). Returns the handle; pass the processor's inputs through `handle.prepare_inputs` before
-    `model.generate(**...)`. Raises ValueError if FoPru is already applied.
+    `model.generate(**...)`. Raises ValueError naming the argument for a bad setting, or if FoPru is
+    already applied.
     """
+    return apply_settings(model, settings_from_arguments(keep=keep, ratio=ratio, strategy=strategy, score=score,
+                                                         kind=kind, layer=layer, backend=backend))
+
+
+def apply_settings(model: nn.Module, settings: FoPruSettings) -> FoPruQwenVL:
+    """apply_fopru with settings already parsed (`integrations.settings`)."""
     inner = qwen_vl_model(model)
     if inner is None:
         raise ValueError(f"expected a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model, got {type(model).__name__}")
     if getattr(inner, "_fopru", None) is not None:
         raise ValueError("FoPru is already applied to this model; call remove_fopru(model) first")
-    inner._fopru = FoPruQwenVL(inner, keep, ratio, strategy, score, kind, layer, backend)
+    inner._fopru = FoPruQwenVL(inner, settings)
     return inner._fopru
 
 

@@ -173,12 +173,12 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
 
 @pytest.mark.parametrize("op", sorted(ops.WITHOUT_GPU_KERNELS))
 def test_ops_without_gpu_kernels_run_the_reference_on_cuda(op):
-    """Until their GPU kernels land, the CUDA slot of these ops holds the reference (ops.py), the CPU
+    """Until their GPU kernels land, the CUDA slot of these ops holds the reference (registration.py), the CPU
     slot the C++ kernel (the reference without the library), and forcing a GPU backend is refused
     rather than silently served by the oracle."""
     cpu = "cpu" if F.HAS_LIBRARY else "reference"
     assert F.default_backend("cpu", op) == cpu and F.default_backend("cuda", op) == "reference"
-    assert "fopru_kernels/ops.py" in _slot(op, "CUDA")
+    assert "fopru_kernels/registration.py" in _slot(op, "CUDA")
     assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
     kernel = torch.library.get_kernel(f"fopru::{op}", "CUDA")  # the CUDA slot's kernel, run on CPU tensors
     args = op_calls()[op]

@@ -40,7 +40,7 @@ def focal_use_col(col: list[int], row: list[int]) -> bool:
     return spread[0] > spread[1]
 
 
-def _focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+def focal_choice(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """(B,) bool: True where the column sums (B, N) int64 win the focal rule over the row sums."""
     use_col = [focal_use_col(c, r) for c, r in zip(col.tolist(), row.tolist())]
     return torch.tensor(use_col, dtype=torch.bool, device=col.device).reshape(col.shape[0])
@@ -68,7 +68,7 @@ def _significance(attn: torch.Tensor, score: str, num_prefix: int) -> tuple[torc
     if score == "received":
         return col, ["col"] * b
     row = patch.sum(dim=(1, 3))  # attention each token pays
-    use_col = _focal_choice(col, row)
+    use_col = focal_choice(col, row)
     sig = torch.where(use_col[:, None], col, row)
     return sig, ["col" if c else "row" for c in use_col.tolist()]
 
@@ -94,7 +94,7 @@ def _from_parts(parts: torch.Tensor) -> torch.Tensor:
     if parts.shape[1] == 1:
         return parts[:, 0].clone(memory_format=torch.contiguous_format)
     col, row = parts[:, 0], parts[:, 1]
-    return torch.where(_focal_choice(col, row)[:, None], col, row).contiguous()
+    return torch.where(focal_choice(col, row)[:, None], col, row).contiguous()
 
 
 def _top_in_order(score: torch.Tensor, count: int) -> torch.Tensor:
@@ -111,10 +111,11 @@ def select(
 
     sig: (B, N) int64. Returns (B, keep) int64, strictly increasing in each row.
     """
-    return _select(sig, keep, strategy, *check_select(sig, keep, strategy, grid))
+    return select_checked(sig, keep, strategy, *check_select(sig, keep, strategy, grid))
 
 
-def _select(sig: torch.Tensor, keep: int, strategy: str, rows: int, cols: int) -> torch.Tensor:
+def select_checked(sig: torch.Tensor, keep: int, strategy: str, rows: int, cols: int) -> torch.Tensor:
+    """select() once its arguments are checked: (B, keep) int64 ascending, `rows` x `cols` the grid."""
     b = sig.shape[0]
     if strategy == "rank":
         return _top_in_order(sig, keep).contiguous()
@@ -147,7 +148,7 @@ def prune_tokens(
     rows, cols = check_prune(tokens, attn, keep, strategy, score, num_prefix, grid)
     with torch.no_grad():
         sig = _significance(attn, score, num_prefix)[0]
-        idx = _select(sig, keep, strategy, rows, cols)
+        idx = select_checked(sig, keep, strategy, rows, cols)
         return gather_rows(tokens, idx), idx
 
 
@@ -213,7 +214,7 @@ def prune_tokens_varlen(
             seg = sig[cu[b]:cu[b + 1]][None]
             grid = None if grids is None else (grids[2 * b], grids[2 * b + 1])
             rows, cols = check_select(seg, kb, strategy, grid)
-            parts.append(_select(seg, kb, strategy, rows, cols)[0] + cu[b])
+            parts.append(select_checked(seg, kb, strategy, rows, cols)[0] + cu[b])
         idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=sig.device)
         out = torch.tensor([0] + list(itertools.accumulate(keep)), dtype=cu_seqlens.dtype, device=cu_seqlens.device)
         return tokens[idx].contiguous(), idx, out

@@ -22,7 +22,7 @@ from ._checks import (
     check_significance_qk,
     check_significance_qk_varlen,
 )
-from .reference import _focal_choice, _select, fixed_point, gather_rows, prune_tokens_varlen, significance_from_parts
+from .reference import fixed_point, focal_choice, gather_rows, prune_tokens_varlen, select_checked, significance_from_parts
 
 
 def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -117,7 +117,7 @@ def prune_tokens_qk(
     rows, cols, scale = check_prune_qk(tokens, q, k, keep, strategy, score, num_prefix, grid, scale, lse, kind, layout)
     with torch.no_grad():
         sig = significance_qk(q, k, score, num_prefix, scale, lse, kind, layout)
-        idx = _select(sig, keep, strategy, rows, cols)
+        idx = select_checked(sig, keep, strategy, rows, cols)
         return gather_rows(tokens, idx), idx
 
 
@@ -201,14 +201,14 @@ def significance_qk_varlen_parts(
 
 def significance_varlen_from_parts(parts: torch.Tensor, cu_seqlens: torch.Tensor, group: int = 1) -> torch.Tensor:
     """(C, T) parts -> (T / group,) int64 significance: for C = 2 each segment takes its received or its
-    paid vector by the focal rule of the dense ops (reference._focal_choice), then `group` consecutive
+    paid vector by the focal rule of the dense ops (reference.focal_choice), then `group` consecutive
     tokens' scores are summed into one score per merged token."""
     if not isinstance(parts, torch.Tensor) or parts.dim() != 2 or parts.shape[0] not in (1, 2) or parts.dtype != torch.int64:
         raise ValueError("parts must be a (1, T) or (2, T) int64 tensor (received; received and paid)")
     sig = parts[0].clone()
     if parts.shape[0] == 2:
         for a, b in _segment_bounds(cu_seqlens):
-            if b > a and not _focal_choice(parts[0, None, a:b], parts[1, None, a:b])[0]:
+            if b > a and not focal_choice(parts[0, None, a:b], parts[1, None, a:b])[0]:
                 sig[a:b] = parts[1, a:b]
     return sig.view(-1, group).sum(dim=1)
 

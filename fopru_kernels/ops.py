@@ -97,15 +97,17 @@ def _has_kernel(name: str, key: str) -> bool:
 # Read before any Python registration below can fill a slot: these are the C++ kernels.
 CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-# Ops whose GPU kernels (CUDA C++ and Triton) have not landed yet, though their C++ CPU kernel has:
-# backends.resolve then sends their CUDA tensors to the float64 reference, which reads cu_seqlens on
-# the host (a sync). Declared rather than read from the slots so that a GPU kernel missing from a
-# build cannot pass for a pending one: HAS_CUDA_KERNELS and the tests of the GPU slots leave exactly
-# these out. The change that registers their CUDA / Triton kernels empties this set.
-WITHOUT_GPU_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+# Ops whose CUDA C++ kernel, and ops whose Triton kernel, has not landed yet (each its own set: one GPU
+# kernel may land before the other). Declared rather than read from the slots so that a kernel missing
+# from a build cannot pass for a pending one: HAS_CUDA_KERNELS and the tests of the GPU slots leave
+# exactly these out. backends.resolve sends an op's CUDA tensors to whichever GPU kernel it has (Triton
+# first), else to the float64 reference, which reads cu_seqlens on the host (a sync). The change that
+# registers an op's kernel takes the op out of its set.
+WITHOUT_CUDA_KERNELS: frozenset[str] = frozenset()
+WITHOUT_TRITON_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
 # The library was built with its CUDA kernels: every op with a C++ CPU kernel has its CUDA C++ kernel
-# too, except the ops above, which have none yet.
-HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_GPU_KERNELS
+# too, except the ops in WITHOUT_CUDA_KERNELS, which have none yet.
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_CUDA_KERNELS
 
 
 def _grid(grid):
@@ -373,7 +375,7 @@ def _require(name: str, backend: str, tensor) -> None:
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
-        if name in WITHOUT_GPU_KERNELS:
+        if name in WITHOUT_CUDA_KERNELS:
             raise ValueError(f"backend='cuda' has no CUDA C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if name not in CUDA_KERNEL_OPS:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")

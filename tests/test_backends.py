@@ -134,23 +134,23 @@ def test_has_cuda_kernels_means_every_cxx_op_has_its_cuda_kernel():
     cxx = {op for op in ALL if re.search(r"^CPU( \(inactive\))?: registered at \S*csrc/", dumps[op], re.M)}
     assert ops.CUDA_KERNEL_OPS == has
     assert ops.CPU_KERNEL_OPS == cxx
-    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx - ops.WITHOUT_CUDA_KERNELS)
+    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx - ops.WITHOUT_CUDA_CXX_KERNELS)
 
 
 def test_ops_listed_without_gpu_kernels_have_none():
-    """WITHOUT_CUDA_KERNELS and WITHOUT_TRITON_KERNELS are declared, not read from the slots: an op in one
+    """WITHOUT_CUDA_CXX_KERNELS and WITHOUT_TRITON_KERNELS are declared, not read from the slots: an op in one
     that gained that kernel must leave it (so the GPU tests cover the kernel), and they name real ops."""
-    assert ops.WITHOUT_CUDA_KERNELS <= ALL and ops.WITHOUT_TRITON_KERNELS <= ALL
-    assert not ops.WITHOUT_CUDA_KERNELS & ops.CUDA_KERNEL_OPS
+    assert ops.WITHOUT_CUDA_CXX_KERNELS <= ALL and ops.WITHOUT_TRITON_KERNELS <= ALL
+    assert not ops.WITHOUT_CUDA_CXX_KERNELS & ops.CUDA_KERNEL_OPS
     assert not ops.WITHOUT_TRITON_KERNELS & ops.INSTALL.triton_ops
 
 
 def test_every_gpu_kernel_not_listed_as_pending_is_there():
     """The other way round: a build with CUDA kernels has the CUDA C++ kernel of every op not in
-    WITHOUT_CUDA_KERNELS, and with triton every op not in WITHOUT_TRITON_KERNELS has its Triton kernel,
-    so a kernel file missing from the build (or a Triton kernel missing from ops.py) fails here."""
+    WITHOUT_CUDA_CXX_KERNELS, and with triton every op not in WITHOUT_TRITON_KERNELS has its Triton kernel,
+    so a kernel file missing from the build (or a Triton kernel missing from triton/entry.py) fails here."""
     if ops.CUDA_KERNEL_OPS:
-        assert ops.CUDA_KERNEL_OPS == ALL - ops.WITHOUT_CUDA_KERNELS
+        assert ops.CUDA_KERNEL_OPS == ALL - ops.WITHOUT_CUDA_CXX_KERNELS
         assert F.HAS_CUDA_KERNELS
     if ops.INSTALL.triton_ops:
         assert ops.INSTALL.triton_ops == ALL - ops.WITHOUT_TRITON_KERNELS
@@ -183,18 +183,18 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
         assert "CUDA (inactive): registered at" in torch._C._dispatch_dump(f"fopru::{op}")
 
 
-@pytest.mark.parametrize("op", sorted(ops.WITHOUT_CUDA_KERNELS | ops.WITHOUT_TRITON_KERNELS))
+@pytest.mark.parametrize("op", sorted(ops.WITHOUT_CUDA_CXX_KERNELS | ops.WITHOUT_TRITON_KERNELS))
 def test_ops_with_a_pending_gpu_kernel(op):
     """An op whose CUDA C++ or Triton kernel has not landed: the CUDA slot holds the GPU kernel it has
     in this install (Triton first, as for every op: the C++ kernel in its own slot, else Triton from
-    ops.py), the reference (ops.py) where it has none; the CPU slot holds the C++ kernel (the reference
+    registration.py), the reference (registration.py) where it has none; the CPU slot holds the C++ kernel (the reference
     without the library); and forcing the missing GPU kernel is refused, not served by another."""
     cpu = "cpu" if F.HAS_LIBRARY else "reference"
     triton, cuda = op in ops.INSTALL.triton_ops, op in ops.CUDA_KERNEL_OPS
     want = "triton" if triton else "cuda" if cuda else "reference"
     assert F.default_backend("cpu", op) == cpu and F.default_backend("cuda", op) == want
     slot = _slot(op, "CUDA")
-    assert slot.startswith("CUDA: ") and ("csrc/cuda/" in slot if want == "cuda" else "fopru_kernels/ops.py" in slot)
+    assert slot.startswith("CUDA: ") and ("csrc/cuda/" in slot if want == "cuda" else "fopru_kernels/registration.py" in slot)
     assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
     args = op_calls()[op]
     if want == "reference":  # the CUDA slot's kernel, run on CPU tensors
@@ -206,7 +206,7 @@ def test_ops_with_a_pending_gpu_kernel(op):
     if op in ops.WITHOUT_TRITON_KERNELS:
         with pytest.raises(ValueError, match=f"backend='triton' has no Triton kernel for {op} yet"):
             call(op, args, "triton")
-    if op in ops.WITHOUT_CUDA_KERNELS:
+    if op in ops.WITHOUT_CUDA_CXX_KERNELS:
         with pytest.raises(ValueError, match=rf"backend='cuda' has no CUDA C\+\+ kernel for {op} yet"):
             call(op, args, "cuda")
 
@@ -219,8 +219,8 @@ def test_op_calls_cover_every_op():
 def test_fopru_backend_cuda_puts_the_cxx_kernels_in_the_cuda_slots():
     code = (
         "import torch, fopru_kernels as F\n"
-        "from fopru_kernels.ops import WITHOUT_CUDA_KERNELS, SCHEMAS\n"
-        "for op in set(SCHEMAS) - WITHOUT_CUDA_KERNELS:\n"
+        "from fopru_kernels.ops import WITHOUT_CUDA_CXX_KERNELS, SCHEMAS\n"
+        "for op in set(SCHEMAS) - WITHOUT_CUDA_CXX_KERNELS:\n"
         "    assert F.default_backend('cuda', op) == 'cuda' and F.default_backend('cpu', op) == 'cpu'\n"
         "    line = next(l for l in torch._C._dispatch_dump('fopru::' + op).splitlines() if l.startswith('CUDA'))\n"
         "    assert line.startswith('CUDA: ') and 'csrc/cuda/' in line, line\n"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from qk_oracle import QKCase
+from cases import QKCase
 from qk_oracle import oracle as dense_oracle
 
 import fopru_kernels as F

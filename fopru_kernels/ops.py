@@ -97,15 +97,22 @@ def _has_kernel(name: str, key: str) -> bool:
 # Read before any Python registration below can fill a slot: these are the C++ kernels.
 CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-# Ops whose GPU kernels (CUDA C++ and Triton) have not landed yet, though their C++ CPU kernel has:
-# backends.resolve then sends their CUDA tensors to the float64 reference, which reads cu_seqlens on
-# the host (a sync). Declared rather than read from the slots so that a GPU kernel missing from a
-# build cannot pass for a pending one: HAS_CUDA_KERNELS and the tests of the GPU slots leave exactly
-# these out. The change that registers their CUDA / Triton kernels empties this set.
-WITHOUT_GPU_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+# Ops whose kernels of one GPU backend have not landed yet, declared rather than read from the slots so
+# that a kernel missing from a build or from _TRITON_IMPLS cannot pass for a pending one (tests/
+# test_backends.py checks both sets against what is registered). The change that lands an op's
+# kernel takes it out of its set.
+# - WITHOUT_CUDA_CXX_KERNELS: no CUDA C++ kernel yet. backend='cuda' is refused for them, and
+#   HAS_CUDA_KERNELS and the tests of the CUDA C++ slots leave exactly these out.
+# - WITHOUT_TRITON_KERNELS: no Triton kernel yet (backend='triton' is refused: they are not in
+#   _TRITON_IMPLS).
+# backends.resolve sends an op's CUDA tensors to Triton when it has a Triton kernel, else to its CUDA
+# C++ kernel, else (WITHOUT_GPU_KERNELS, both pending) to the float64 reference.
+WITHOUT_CUDA_CXX_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+WITHOUT_TRITON_KERNELS: frozenset[str] = frozenset()
+WITHOUT_GPU_KERNELS = WITHOUT_CUDA_CXX_KERNELS & WITHOUT_TRITON_KERNELS
 # The library was built with its CUDA kernels: every op with a C++ CPU kernel has its CUDA C++ kernel
-# too, except the ops above, which have none yet.
-HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_GPU_KERNELS
+# too, except the ops above that have none yet.
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_CUDA_CXX_KERNELS
 
 
 def _grid(grid):
@@ -197,6 +204,23 @@ def _triton_significance_from_parts(parts):
     return tq.significance_from_parts(parts)
 
 
+def _triton_significance_qk_varlen(q, k, cu_seqlens, score="focal", scale=None, lse=None, kind="prob", group=1):
+    scale = _checks.check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
+    from .triton import significance_qk_varlen as tqv
+
+    return tqv.significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
+
+
+def _triton_prune_tokens_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy="rank", score="focal", scale=None,
+                                   lse=None, kind="prob", group=1, cu_seqlens_select=None, grids=None):
+    cols, scale = _checks.check_prune_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind,
+                                                group, cu_seqlens_select, grids)
+    from .triton import significance_qk_varlen as tqv
+
+    return tqv.prune_tokens_qk_varlen(tokens, q, k, cu_seqlens, list(keep), strategy, score, scale, lse, kind, group,
+                                      cu_seqlens_select, cols, None if grids is None else list(grids))
+
+
 _TRITON_IMPLS = {
     "significance": _triton_significance,
     "select": _triton_select,
@@ -206,6 +230,8 @@ _TRITON_IMPLS = {
     "prune_tokens_varlen": _triton_prune_tokens_varlen,
     "significance_qk_parts": _triton_significance_qk_parts,
     "significance_from_parts": _triton_significance_from_parts,
+    "significance_qk_varlen": _triton_significance_qk_varlen,
+    "prune_tokens_qk_varlen": _triton_prune_tokens_qk_varlen,
 }
 
 INSTALL = backends.Install(CPU_KERNEL_OPS, CUDA_KERNEL_OPS, frozenset(_TRITON_IMPLS) if _has_triton() else frozenset())
@@ -373,7 +399,7 @@ def _require(name: str, backend: str, tensor) -> None:
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
-        if name in WITHOUT_GPU_KERNELS:
+        if name in WITHOUT_CUDA_CXX_KERNELS:
             raise ValueError(f"backend='cuda' has no CUDA C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if name not in CUDA_KERNEL_OPS:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")

@@ -32,7 +32,8 @@ INVALID_CU = [
 
 def packed(lengths, h=2, d=16, dtype=torch.float32, layout="qkv", seed=0, constant_keys=()):
     """q, k (T, H, d) and cu_seqlens for segments of `lengths`. layout 'qkv': views into one (T, 3, H, d)
-    projection output (Qwen's qkv Linear, strided); 'hd': (H, T, d) transposed to (T, H, d); 'contiguous'.
+    projection output (Qwen's qkv Linear, strided); 'hd': (H, T, d) transposed to (T, H, d); 'contiguous';
+    'd-strided': every second element of (T, H, 2 d) (rows no kernel can read in 16-byte chunks).
     Segments listed in constant_keys get one key repeated (their received vector is flat: focal takes the
     paid one)."""
     gen = torch.Generator().manual_seed(seed)
@@ -43,6 +44,8 @@ def packed(lengths, h=2, d=16, dtype=torch.float32, layout="qkv", seed=0, consta
         q, k = qkv[:, 0], qkv[:, 1]
     elif layout == "hd":
         q, k = (torch.randn(h, t, d, generator=gen).mul(2).to(dtype).transpose(0, 1) for _ in range(2))
+    elif layout == "d-strided":
+        q, k = (torch.randn(t, h, 2 * d, generator=gen).mul(2).to(dtype)[..., ::2] for _ in range(2))
     else:
         q, k = (torch.randn(t, h, d, generator=gen).mul(2).to(dtype) for _ in range(2))
     for s in constant_keys:

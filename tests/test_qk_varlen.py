@@ -15,7 +15,8 @@ idx is compared exactly in every selection segment whose oracle margin between t
 score (row score for row) exceeds twice the bound and whose focal choices are all decided; every case
 checks at least one segment so. On a GPU (marker cuda) the GPU kernels run the same checks with the same
 float32 bound, plus CUDA graph capture, torch.compile and the device-side checks of cu_seqlens; the Triton
-kernels' own launch shapes and device checks on CPU tensors are tests/test_qk_varlen_triton.py's.
+kernels' own launch shapes and device checks on CPU tensors are tests/test_qk_varlen_triton.py's, the CUDA
+C++ kernels' own cases tests/test_qk_varlen_cuda.py's (their error texts are checked here, by the table).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from qk_varlen_oracle import INT64_MIN, INVALID_CU, RAGGED, check_prune, check_s
 import fopru_kernels as F
 from fopru_kernels import reference_qk
 
+PACKED_OPS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
 BACKENDS = ["auto", "reference",
             pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")),
-            pytest.param("triton", marks=pytest.mark.skipif("triton" not in F.available_backends("cpu"),
-                                                            reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))]
-PACKED_OPS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+            pytest.param("triton", marks=pytest.mark.skipif(
+                "triton" not in F.available_backends("cpu") or bool(PACKED_OPS & F.ops.WITHOUT_TRITON_KERNELS),
+                reason="Triton on CPU tensors needs TRITON_INTERPRET=1, and the packed ops' Triton kernels"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -305,6 +307,71 @@ def test_cuda_cxx_backend_without_a_kernel_is_refused():
                 F.significance_qk_varlen(args["q"], args["k"], args["cu_seqlens"], backend="cuda")
             else:
                 F.prune_tokens_qk_varlen(**args, backend="cuda")
+
+
+def test_forced_gpu_backends_on_cpu_tensors_are_refused_clearly():
+    """backend='cuda' (and 'triton' while it has no packed kernel) on CPU tensors: a clear refusal."""
+    args = _varlen_qk_args()
+    if "prune_tokens_qk_varlen" in F.ops.WITHOUT_TRITON_KERNELS:
+        with pytest.raises(ValueError, match=r"backend='triton' has no Triton kernel for prune_tokens_qk_varlen yet"):
+            F.prune_tokens_qk_varlen(**args, backend="triton")
+    if PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS:
+        return  # test_cuda_cxx_backend_without_a_kernel_is_refused
+    cuda = (r"backend='cuda' needs CUDA tensors, got cpu" if F.HAS_CUDA_KERNELS
+            else r"backend='cuda' needs the library built with its CUDA kernels")
+    with pytest.raises(ValueError, match=cuda):
+        F.significance_qk_varlen(args["q"], args["k"], args["cu_seqlens"], backend="cuda")
+    with pytest.raises(ValueError, match=cuda):
+        F.prune_tokens_qk_varlen(**args, backend="cuda")
+
+
+def _cxx_cuda_kernel(op: str):
+    """The C++ CUDA kernel of `op` as a callable on any tensors, wherever registration.py left it (its own
+    CUDA slot, or fopru_cxx::<op> where a Python kernel took the slot). Only for calls its checks refuse:
+    a call they accept would go on to launch on the tensors' memory."""
+    name = f"fopru_cxx::{op}" if ("fopru_cxx::" + op) in torch._C._dispatch_get_all_op_names() else f"fopru::{op}"
+    kernel = torch.library.get_kernel(name, "CUDA")
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return lambda *args: kernel.call_boxed(keys, *args)
+
+
+needs_cuda_cxx = pytest.mark.skipif(not PACKED_OPS <= F.ops.CUDA_KERNEL_OPS,
+                                    reason="no CUDA C++ kernel of the packed ops in this build")
+
+
+@needs_cuda_cxx
+@pytest.mark.parametrize("name", QK_VARLEN_ERRORS)
+def test_cuda_entry_points_check_with_the_shared_texts(name):
+    """The CUDA C++ entry points run csrc/checks.cpp before any device work: on CPU tensors (so without a
+    GPU) each bad argument gets the reference's text, from the prune and, where the scoring arguments
+    are bad too, from significance_qk_varlen."""
+    args = _varlen_qk_args(**QK_VARLEN_ERRORS[name][0])
+    score_args = {n: args[n] for n in ("q", "k", "cu_seqlens", "score", "scale", "lse", "kind", "group")}
+    refused = 0
+    for op, op_args in (("significance_qk_varlen", score_args), ("prune_tokens_qk_varlen", args)):
+        try:
+            getattr(F, op)(**op_args, backend="reference")
+            continue  # accepted: the CUDA kernel would launch on host memory
+        except ValueError as e:
+            want = str(e)
+        names = [a.name for a in getattr(torch.ops.fopru, op).default._schema.arguments]
+        with pytest.raises(ValueError) as got:
+            _cxx_cuda_kernel(op)(*(op_args[n] for n in names))
+        assert str(got.value) == want
+        refused += 1
+    assert refused >= 1
+
+
+@needs_cuda_cxx
+def test_cuda_head_dim_cap_text():
+    """SPEC.md's CUDA limit, raised after the checks and before any device work (so on CPU tensors too)."""
+    q, cu = torch.zeros(8, 1, 8193), torch.tensor([0, 8])
+    pattern = r"fopru: significance_qk_varlen supports head dim d <= 8192 on CUDA, got 8193"
+    with pytest.raises(RuntimeError, match=pattern):
+        _cxx_cuda_kernel("significance_qk_varlen")(q, q, cu, "focal", None, None, "logit", 4)
+    with pytest.raises(RuntimeError, match=pattern):
+        _cxx_cuda_kernel("prune_tokens_qk_varlen")(torch.zeros(2, 3), q, q, cu, [1], "rank", "focal", None, None,
+                                                   "logit", 4, None, None)
 
 
 # ----------------------------------------------------------------------------------- GPU

@@ -11,6 +11,8 @@ timeout still leaves a report.
    `select` + gather of the same total size (and the per-image loop engines run today).
 3. LLaVA end to end (serving_llava.py): a LLaVA-1.5-7B-shaped model with random fp16 weights, time to
    first token at several `keep` through the transformers adapter, and the share of it spent pruning.
+4. Qwen packed q/k (serving_qwen.py): `prune_tokens_qk_varlen` (packed significance + prune) on 8 images
+   of mixed sizes against one Qwen2.5-VL-7B-shaped vision encoder block (random weights) on them.
 
 On a GPU every op is timed as a replayed CUDA graph (GPU µs per call; per-call CUDA events where
 capture fails) with inputs rotated over enough sets to overflow L2 (timing.py). Without a GPU the
@@ -33,12 +35,14 @@ from .reporting import environment, has_error
 from .serving_llava import bench_llava, llava_markdown
 from .serving_plan import backends_for, plan_for
 from .serving_qk import bench_qk, qk_markdown
+from .serving_qwen import bench_qwen, qwen_markdown
 from .serving_varlen import bench_varlen, varlen_markdown
 from .timing import copy_bandwidth, error_text
 
 COMMAND = "python -m benchmarks.serving"
-SECTIONS = ("qk", "varlen", "llava")
-SERVING_OPS = ("significance_qk", "prune_tokens_qk", "prune_tokens_varlen", "select")
+SECTIONS = ("qk", "varlen", "llava", "qwen")
+SERVING_OPS = ("significance_qk", "prune_tokens_qk", "prune_tokens_varlen", "select", "significance_qk_varlen",
+               "prune_tokens_qk_varlen")
 
 
 def kernel_origin(op: str, device: torch.device) -> str:
@@ -69,7 +73,8 @@ def markdown(env: dict, results: dict, notes: list[str]) -> str:
             "events where capture fails: 'events'); inputs rotated over `sets` sets (3x L2); fp16"
             if gpu else "CPU smoke run with tiny shapes and a host timer: proves the code paths, measures nothing"),
     ]
-    for name, render in (("qk", qk_markdown), ("varlen", varlen_markdown), ("llava", llava_markdown)):
+    for name, render in (("qk", qk_markdown), ("varlen", varlen_markdown), ("llava", llava_markdown),
+                         ("qwen", qwen_markdown)):
         res = results.get(name)
         if res is None:
             continue
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "qk": lambda: bench_qk(plan, device, backends),
         "varlen": lambda: bench_varlen(plan, device, backends, copy_bps),
         "llava": lambda: bench_llava(plan, device),
+        "qwen": lambda: bench_qwen(plan, device, backends),
     }
     with torch.no_grad():
         for name in sections:

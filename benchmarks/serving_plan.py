@@ -46,6 +46,29 @@ class VarlenShape:
 
 
 @dataclass(frozen=True)
+class QwenShape:
+    """Images packed for Qwen-VL's vision tower: patch grids `grids` (rows, cols; both even, so 2 x 2
+    patches merge into one language-model token: `group` = 4), one full-attention block of `hidden`
+    channels in `heads` heads with a SiLU-gated MLP of `intermediate`, merged tokens of `merged_dim`;
+    each image keeps a quarter of its merged tokens."""
+
+    grids: tuple[tuple[int, int], ...]
+    hidden: int = 1280
+    heads: int = 16
+    intermediate: int = 3420
+    merged_dim: int = 3584
+    group: int = 4
+
+    @property
+    def sizes(self) -> list[int]:
+        return [r * c for r, c in self.grids]
+
+    @property
+    def keeps(self) -> list[int]:
+        return [r * c // self.group // 4 for r, c in self.grids]
+
+
+@dataclass(frozen=True)
 class LlavaShape:
     """LLaVA-1.5 built from a config in code (random weights): CLIP tower + Llama language model."""
 
@@ -64,6 +87,7 @@ class Plan:
     qk: QKShape
     varlen: VarlenShape
     llava: LlavaShape
+    qwen: QwenShape
     timing: Timing
     copy_bytes: int
 
@@ -77,12 +101,16 @@ LLAVA_15_TEXT = dict(
     num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
     pad_token_id=32001, bos_token_id=1, eos_token_id=2,
 )
+# Qwen2.5-VL-7B's vision tower (hidden 1280, 16 heads of d = 80, MLP 3420, merged D = 3584) on 8
+# dynamic-resolution images of 192 to 2240 patches, 7744 in all.
+QWEN_GRIDS = ((16, 16), (32, 32), (24, 40), (48, 36), (20, 28), (40, 56), (12, 16), (28, 28))
 # 4 LLaVA tiles of 576 and dynamic-resolution images of 256..2304 patches; 6144 = 8 x (24 x 32) in all.
 VARLEN_GRIDS = ((24, 24), (16, 16), (24, 24), (48, 48), (24, 24), (32, 32), (24, 24), (16, 16))
 
 
 def gpu_plan(quick: bool) -> Plan:
-    """LLaVA-1.5 shapes. Full: q/k at B 1 and 32, LLaVA at B 1 and 8 with keep 576/288/144/64.
+    """LLaVA-1.5 shapes (Qwen2.5-VL-7B's for the packed q/k section). Full: q/k at B 1 and 32, LLaVA at
+    B 1 and 8 with keep 576/288/144/64.
     --quick: q/k at B=32 (where the targets are), LLaVA at B=1 with keep 576/144, fewer repeats."""
     return Plan(
         qk=QKShape(batches=(32,) if quick else (1, 32)),
@@ -92,6 +120,7 @@ def gpu_plan(quick: bool) -> Plan:
             batches=(1,) if quick else (1, 8), keeps=(576, 144) if quick else (576, 288, 144, 64),
             reps=3 if quick else 5,
         ),
+        qwen=QwenShape(grids=QWEN_GRIDS),
         timing=Timing(0.02 if quick else 0.05, 10, 200, 3 if quick else 5),
         copy_bytes=1 << 30,
     )
@@ -110,6 +139,8 @@ def tiny_plan(quick: bool) -> Plan:
             image_token_id=63, batches=(1,) if quick else (1, 2), keeps=(16, 4) if quick else (16, 8, 4, 2),
             text_tokens=8, warmup=1, reps=2,
         ),
+        qwen=QwenShape(grids=((4, 4), (8, 8), (6, 10), (12, 8), (4, 6), (10, 12), (4, 4), (6, 6)), hidden=64, heads=4,
+                       intermediate=128, merged_dim=32),
         timing=Timing(0.01, 2, 3, 0),
         copy_bytes=8 << 20,
     )

@@ -26,7 +26,9 @@ from .registration import (
     REPLACED,
     SCHEMAS,
     SETTING,
+    WITHOUT_CUDA_CXX_KERNELS,
     WITHOUT_GPU_KERNELS,
+    WITHOUT_TRITON_KERNELS,
 )
 from .triton.entry import ENTRY_POINTS as TRITON_ENTRY_POINTS
 from .triton.entry import has_triton
@@ -69,7 +71,7 @@ def _require(name: str, backend: str, tensor) -> None:
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
-        if name in WITHOUT_GPU_KERNELS:
+        if name in WITHOUT_CUDA_CXX_KERNELS:
             raise ValueError(f"backend='cuda' has no CUDA C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if name not in CUDA_KERNEL_OPS:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")

@@ -98,15 +98,23 @@ def _has_kernel(name: str, key: str) -> bool:
 # Read before any Python registration below can fill a slot: these are the C++ kernels.
 CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-# Ops whose GPU kernels (CUDA C++ and Triton) have not landed yet, though their C++ CPU kernel has:
-# backends.resolve then sends their CUDA tensors to the float64 reference, which reads cu_seqlens on
-# the host (a sync). Declared rather than read from the slots so that a GPU kernel missing from a
-# build cannot pass for a pending one: HAS_CUDA_KERNELS and the tests of the GPU slots leave exactly
-# these out. The change that registers their CUDA / Triton kernels empties this set.
-WITHOUT_GPU_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+# Ops whose kernels of one GPU backend have not landed yet, declared rather than read from the slots so
+# that a kernel missing from a build or from triton/entry.py's table cannot pass for a pending one
+# (tests/test_backends.py checks both sets against what is registered). The change that lands an op's
+# kernel takes it out of its set.
+# - WITHOUT_CUDA_CXX_KERNELS: no CUDA C++ kernel yet. backend='cuda' is refused for them, and
+#   HAS_CUDA_KERNELS and the tests of the CUDA C++ slots leave exactly these out.
+# - WITHOUT_TRITON_KERNELS: no Triton kernel yet (backend='triton' is refused: they are not in
+#   triton/entry.py's ENTRY_POINTS).
+# backends.resolve sends an op's CUDA tensors to Triton when it has a Triton kernel, else to its CUDA
+# C++ kernel, else (WITHOUT_GPU_KERNELS, both pending) to the float64 reference, which reads
+# cu_seqlens on the host (a sync).
+WITHOUT_CUDA_CXX_KERNELS: frozenset[str] = frozenset()
+WITHOUT_TRITON_KERNELS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
+WITHOUT_GPU_KERNELS = WITHOUT_CUDA_CXX_KERNELS & WITHOUT_TRITON_KERNELS
 # The library was built with its CUDA kernels: every op with a C++ CPU kernel has its CUDA C++ kernel
-# too, except the ops above, which have none yet.
-HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_GPU_KERNELS
+# too, except the ops above that have none yet.
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_CUDA_CXX_KERNELS
 
 
 def _grid(grid):

@@ -117,7 +117,7 @@ PYTEST_OPTS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
 # Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
-GPU_TESTS="tests/test_prune_tokens.py tests/test_select.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_qk_varlen.py tests/test_errors.py tests/test_backends.py"
+GPU_TESTS="tests/test_prune_tokens.py tests/test_select.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_qk_varlen.py tests/test_qk_varlen_cuda.py tests/test_errors.py tests/test_backends.py"
 step cxx 60 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit_cuda_cxx.xml'"
 step tests 110 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'cuda and not cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 import fopru_kernels as fopru
-from fopru_kernels.triton.significance_qk import MAX_HEAD_DIM
+from fopru_kernels.triton.qk_tiles import MAX_HEAD_DIM
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
           "int32": torch.int32, "int64": torch.int64}
@@ -45,8 +45,8 @@ DOMAINS = {
     "_select_kernel": {"UNIT_BLOCK": pow2(1, 1024), "X_BLOCK": pow2(1, 4096), "RADIX_BITS": (8,)},
     "_gather_kernel": {"ROWS_PER_PROGRAM": pow2(1, 64), "BLOCK_D": pow2(1, 4096), "tokens_ptr": FLOATS},
     "_prune_varlen_kernel": {"UNIT_BLOCK": pow2(1, 1024), "X_BLOCK": pow2(1, 4096), "ROWS_PER_PROGRAM": pow2(1, 64),
-                             "BLOCK_D": pow2(1, 4096), "RADIX_BITS": (8,), "tokens_ptr": FLOATS,
-                             "cu_ptr": ("*i32", "*i64")},
+                             "BLOCK_D": pow2(1, 4096), "RADIX_BITS": (8,), "SCORED": (False, True),
+                             "tokens_ptr": FLOATS, "cu_ptr": ("*i32", "*i64")},
     "_lse_kernel": {"UPCAST": (False,), "IEEE": (False, True), "BLOCK_M": (16, 32, 64), "BLOCK_N": (16, 32, 64),
                     "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
     "_cls_kernel": {"PROB": (False, True), "BLOCK_J": pow2(16, 4096), "BLOCK_D": pow2(1, MAX_HEAD_DIM), "q_ptr": FLOATS},
@@ -55,6 +55,18 @@ DOMAINS = {
     "_prob_means_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True), "BLOCK_M": (16, 32, 64),
                            "BLOCK_N": (16, 32, 64), "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
     "_row_means_kernel": {"BLOCK": pow2(1, 1024)},
+    # packed q/k (significance_qk_varlen.py): items of BLOCK tokens, the tl.dot kernels' tile or the
+    # logit kernels' (tokens x d) tile of at most 256 tokens
+    "_work_list_kernel": {"SEG_BLOCK": (128,), "ITEM_BLOCK": (1024,), "BUCKETS": (32,), "cu_ptr": ("*i32", "*i64")},
+    "_packed_logit_sums_kernel": {"ROWS": (False, True), "BLOCK": pow2(16, 256), "BLOCK_D": pow2(1, MAX_HEAD_DIM),
+                                  "q_ptr": FLOATS},
+    "_packed_logit_means_kernel": {"ROWS": (False, True), "BLOCK": pow2(16, 256), "BLOCK_D": pow2(1, MAX_HEAD_DIM),
+                                   "q_ptr": FLOATS},
+    "_packed_lse_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True), "BLOCK": (16, 32, 64),
+                           "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
+    "_packed_prob_means_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True),
+                                  "BLOCK": (16, 32, 64), "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
+    "_focal_group_kernel": {"FOCAL": (False, True), "BLOCK": (1024,), "cu_ptr": ("*i32", "*i64")},
 }
 # (kernel, parameter, value) -> why the GPU path never passes it; such values are not required.
 UNREACHABLE: dict[tuple[str, str, object], str] = {}
@@ -151,6 +163,34 @@ def varlen(seqlens, keeps, *, strategy="rank", grids=None, d=1024, dtype="fp16",
                                          list(keeps), strategy=strategy, grids=flat, backend="triton")
     return _case("varlen", (seqlens, keeps), dict(strategy=strategy, grids=grids, d=d, dtype=dtype, cu=cu,
                                                   layout=layout), run)
+
+
+def qk_varlen(seqlens, keeps=None, *, score="focal", kind="prob", lse=False, d=80, h=16, group=4, dtype="fp16",
+              cu="int32", select=None, strategy="rank", grids=None, dim=1280, layout="qkv"):
+    """significance_qk_varlen on q, k (T, h, d), T = sum(seqlens), cu_seqlens from seqlens (layout 'qkv':
+    views of one (T, 3, h, d) buffer, as Qwen-VL's qkv projection; else as _empty lays them out), lse
+    (h, T) float32 when lse is True; or prune_tokens_qk_varlen on merged tokens (T / group, dim) when keeps
+    is given, selection segments `select` (merged tokens each) or cu_seqlens / group, grids (for row)."""
+    def run():
+        t = sum(seqlens)
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=DTYPES[cu])
+        if layout == "qkv":
+            qkv = _empty((t, 3, h, d), dtype)
+            q, k = qkv[:, 0], qkv[:, 1]
+        else:
+            q, k = _empty((t, h, d), dtype, layout), _empty((t, h, d), dtype, layout)
+        norms = _empty((t, h), "fp32").t() if lse else None  # FlashAttention's softmax_lse strides
+        if keeps is None:
+            return fopru.significance_qk_varlen(q, k, cu_seqlens, score=score, lse=norms, kind=kind, group=group,
+                                                backend="triton")
+        sel = None if select is None else torch.tensor([0, *itertools.accumulate(select)], dtype=DTYPES[cu])
+        flat = None if grids is None else [v for g in grids for v in g]
+        return fopru.prune_tokens_qk_varlen(_empty((t // group, dim), "fp16"), q, k, cu_seqlens, list(keeps),
+                                            strategy=strategy, score=score, lse=norms, kind=kind, group=group,
+                                            cu_seqlens_select=sel, grids=flat, backend="triton")
+    return _case("qk_varlen", (seqlens, keeps), dict(score=score, kind=kind, lse=lse, d=d, h=h, group=group,
+                                                     dtype=dtype, cu=cu, select=select, strategy=strategy,
+                                                     grids=grids, dim=dim, layout=layout), run)
 
 
 # One line per case. Realistic shapes first: LLaVA-1.5 (CLIP-L/336: N = 576 = 24 x 24, H = 16,
@@ -310,4 +350,31 @@ CASES = [
     varlen([100, 100], [100, 50]),
     varlen([300, 100], [150, 100], d=64),
     varlen([400, 400, 400], [400, 200, 100], d=128),
+    # packed q/k: Qwen2.5-VL-7B's vision tower (16 heads of d = 80, 2 x 2 merge, D = 3584 after the merger)
+    # on images of 256 to 2240 patches, then every other head dim, tile and flag
+    qk_varlen([256, 1024, 960, 1728, 560, 2240, 192, 784], [16, 64, 60, 108, 35, 140, 12, 49], dim=3584),
+    qk_varlen([256, 1024, 960, 1728], [16, 64, 60, 108], kind="logit", dtype="bf16", cu="int64", dim=3584),
+    qk_varlen([256, 1024, 960], [16, 64, 64], lse=True, strategy="row", grids=[(8, 8), (16, 16), (15, 16)]),
+    qk_varlen([64, 64, 64, 512], [12, 32], select=[48, 128], score="received", lse=True, dtype="bf16",
+              strategy="row", grids=[(4, 12), (16, 8)]),
+    qk_varlen([1024, 4, 12], score="received", kind="prob", dtype="fp32", layout="strided"),
+    qk_varlen([1024, 4, 12], score="received", kind="logit", dtype="fp32"),
+    qk_varlen([16], kind="prob", d=256, group=1),
+    qk_varlen([32], kind="prob", d=128, lse=True, group=2),
+    qk_varlen([8, 24], kind="prob", d=32, dtype="bf16"),
+    qk_varlen([300, 100], kind="prob", d=16, lse=True, dtype="fp32", cu="int64"),
+    qk_varlen([300, 100], kind="prob", d=64, group=1),
+    qk_varlen([1000], kind="logit", d=1, h=2, group=1),
+    qk_varlen([1000], kind="logit", d=2, dtype="fp32", layout="offset"),
+    qk_varlen([1000], kind="logit", d=4, score="received"),
+    qk_varlen([1000], kind="logit", d=8, dtype="bf16"),
+    qk_varlen([1000], kind="logit", d=16),
+    qk_varlen([1000], kind="logit", d=32),
+    qk_varlen([1000], kind="logit", d=64, score="received", dtype="bf16"),
+    qk_varlen([1000], kind="logit", d=128, dtype="fp32"),
+    qk_varlen([1000], kind="logit", d=256),
+    qk_varlen([16, 16], kind="logit", d=8, group=1),
+    qk_varlen([32], kind="logit", d=8, cu="int64"),
+    qk_varlen([64], kind="logit", d=8),
+    qk_varlen([100, 28], [1, 0], kind="logit", d=128, dtype="bf16", cu="int64", dim=16),
 ]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fopru_kernels as F
-from benchmarks import serving, serving_plan, serving_qk, serving_varlen
+from benchmarks import serving, serving_plan, serving_qk, serving_qwen, serving_varlen
 from benchmarks.reporting import has_error
 
 CPU = torch.device("cpu")
@@ -41,6 +41,38 @@ def test_gpu_plan_has_the_llava_15_shapes():
     assert (full.llava.batches, full.llava.keeps) == ((1, 8), (576, 288, 144, 64))
     assert full.llava.vision["image_size"] // full.llava.vision["patch_size"] == 24  # 576 patches
     assert (full.llava.text["hidden_size"], full.llava.text["num_hidden_layers"]) == (4096, 32)
+
+
+def test_gpu_plan_has_the_qwen25_vl_7b_shapes():
+    for quick in (False, True):
+        q = serving_plan.gpu_plan(quick).qwen
+        assert (q.hidden, q.heads, q.hidden // q.heads, q.intermediate, q.merged_dim, q.group) == (1280, 16, 80, 3420, 3584, 4)
+        assert len(q.grids) == 8 and len(set(q.sizes)) == 8  # 8 images of mixed sizes
+        assert all(r % 2 == 0 and c % 2 == 0 for r, c in q.grids)  # whole 2 x 2 merge units
+        assert q.keeps == [n // 16 for n in q.sizes]  # a quarter of the merged tokens
+
+
+def test_qwen_block_attends_within_each_image():
+    """The block's attention (per-image SDPA here; FlashAttention varlen on a GPU) against a direct
+    softmax per image, and its lse against logsumexp: the 'lse given' variant passes the right thing."""
+    shape = serving_plan.tiny_plan(True).qwen
+    torch.manual_seed(0)
+    block = serving_qwen.VisionBlock(shape).eval()
+    sizes = shape.sizes
+    cu = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32)
+    cos, sin = serving_qwen.rotary(shape, CPU, torch.float32)
+    x = torch.randn(sum(sizes), shape.hidden)
+    with torch.no_grad():
+        qkv = block.qkv_of(x, cos, sin)
+        out, lse, _ = serving_qwen.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max(sizes))
+        assert block(x, cu, max(sizes), cos, sin).shape == x.shape
+    d = shape.hidden // shape.heads
+    bounds = cu.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        q, k, v = (qkv[a:b, i].transpose(0, 1) for i in range(3))
+        logits = q @ k.transpose(-1, -2) * d**-0.5
+        assert torch.allclose(out[a:b].transpose(0, 1), logits.softmax(-1) @ v, atol=1e-5)
+        assert torch.allclose(lse[:, a:b], logits.logsumexp(-1), atol=1e-5)
 
 
 @pytest.mark.parametrize("plan", [serving_plan.gpu_plan(False), serving_plan.tiny_plan(False)], ids=["gpu", "tiny"])
@@ -134,7 +166,18 @@ def test_every_section_runs_on_cpu_and_reports(tmp_path):
             assert r["prune_share_pct"] == pytest.approx(100 * r["prune"]["us"] / r["ttft_us"])
         assert all(_has_row(report, b, "none (all)" if r["keep"] is None else r["keep"]) for r in rows)
 
-    for heading in ("## 1. Significance from q and k", "## 2. Ragged batches", "## 3. LLaVA"):
+    qwen = data["qwen"]
+    assert _records_have_no_error(qwen)
+    assert qwen["block"]["us"] > 0 and qwen["attn"]["us"] > 0 and qwen["sizes"] == plan.qwen.sizes
+    assert [(r["variant"], r["backend"]) for r in qwen["records"]] == [
+        (label, b) for label, *_ in serving_qwen.QWEN_VARIANTS for b in backends
+    ]
+    for r in qwen["records"]:
+        assert r["us"] > 0 and r["pct_block"] == pytest.approx(100 * r["us"] / qwen["block"]["us"])
+        assert r["sig_max_err"] < 1e-3  # the harness passes the oracle's arguments
+        assert _has_row(report, r["variant"], r["backend"])
+
+    for heading in ("## 1. Significance from q and k", "## 2. Ragged batches", "## 3. LLaVA", "## 4. Packed q/k"):
         assert heading in report
     assert "n/a (CPU smoke run)" in report and "| error" not in report
 

@@ -192,7 +192,7 @@ LAUNCH_SHAPES = [
 def test_gpu_launch_shapes(interpreter, monkeypatch, c, staged):
     """The GPU's launch shapes (several key and query tiles per head, several token blocks, two
     output rows per gather program), and the staged selection of inputs beyond the fused tile."""
-    monkeypatch.setattr(tq, "_tile_config", lambda device: (16, 16, 4))
+    monkeypatch.setattr(tq, "tile_config", lambda device: (16, 16, 4))
     monkeypatch.setattr(tq, "_vec_block", lambda n, block_d, device: 8)
     monkeypatch.setattr(tq, "_cls_block", lambda batch, n, block_d, device: 4)
     monkeypatch.setattr(tsel, "rows_per_program", lambda batch, keep, device: 2)

@@ -2,9 +2,10 @@
 prune_tokens_qk_varlen against the float64 oracle per segment, i.e. the dense reference_qk.significance_qk
 run on each attention segment alone (num_prefix = 0), with the group sums and the selection done here.
 
-BACKENDS: the C++ CPU kernel ("cpu", float32 like the dense q/k kernel) and the float64 reference
-(reference_qk.py), plus "auto" (whichever of the two serves CPU tensors in this install). Each is held
-to its own bound, per merged token:
+BACKENDS: the C++ CPU kernel ("cpu", float32 like the dense q/k kernel), the Triton kernels ("triton",
+float32, on CPU tensors under TRITON_INTERPRET=1) and the float64 reference (reference_qk.py), plus
+"auto" (whichever serves CPU tensors in this install). Each is held to its own bound, per merged token
+(the oracle and the checks: tests/qk_varlen_oracle.py):
 - a float32 kernel: the dense path's stated bound (tests/qk_oracle.py, derived in tests/test_qk.py),
   computed on each segment as a dense image with no prefix token and summed over the group; for focal,
   a segment whose variance comparison lies within that bound (undecided) may take either vector, whole;
@@ -12,122 +13,29 @@ to its own bound, per merged token:
   at most one fixed-point step per head and token (a mean within float64 rounding of a step): H * group.
 idx is compared exactly in every selection segment whose oracle margin between the K-th and (K+1)-th
 score (row score for row) exceeds twice the bound and whose focal choices are all decided; every case
-checks at least one segment so. The GPU kernels join with the same float32 bound when they land.
+checks at least one segment so. On a GPU (marker cuda) the GPU kernels run the same checks with the same
+float32 bound, plus CUDA graph capture, torch.compile and the device-side checks of cu_seqlens; the Triton
+kernels' own launch shapes and device checks on CPU tensors are tests/test_qk_varlen_triton.py's, the CUDA
+C++ kernels' own cases tests/test_qk_varlen_cuda.py's (their error texts are checked here, by the table).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import pytest
 import torch
-from qk_oracle import QKCase
-from qk_oracle import oracle as dense_oracle
+from conftest import gpu_backends
+from qk_varlen_oracle import INT64_MIN, INVALID_CU, RAGGED, check_prune, check_sig, margin_ok, oracle, packed, segment_lse
 
 import fopru_kernels as F
-from fopru_kernels import reference, reference_qk
+from fopru_kernels import reference_qk
 
+PACKED_OPS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
 BACKENDS = ["auto", "reference",
-            pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built"))]
-
-# Segment lengths (tokens): a 4-token image next to a 1024-token one, an empty segment, odd multiples of 4.
-RAGGED = (4, 1024, 12, 0, 200, 8, 36)
-
-
-def _packed(lengths, h=2, d=16, dtype=torch.float32, layout="qkv", seed=0, constant_keys=()):
-    """q, k (T, H, d) and cu_seqlens for segments of `lengths`. layout 'qkv': views into one (T, 3, H, d)
-    projection output (Qwen's qkv Linear, strided); 'hd': (H, T, d) transposed to (T, H, d); 'contiguous'.
-    Segments listed in constant_keys get one key repeated (their received vector is flat: focal takes the
-    paid one)."""
-    gen = torch.Generator().manual_seed(seed)
-    t = sum(lengths)
-    cu = torch.tensor([0, *itertools.accumulate(lengths)])
-    if layout == "qkv":
-        qkv = (torch.randn(t, 3, h, d, generator=gen) * 2).to(dtype)
-        q, k = qkv[:, 0], qkv[:, 1]
-    elif layout == "hd":
-        q, k = (torch.randn(h, t, d, generator=gen).mul(2).to(dtype).transpose(0, 1) for _ in range(2))
-    else:
-        q, k = (torch.randn(t, h, d, generator=gen).mul(2).to(dtype) for _ in range(2))
-    for s in constant_keys:
-        k[cu[s]:cu[s + 1]] = k[cu[s]].clone()
-    return q, k, cu
-
-
-@dataclass
-class Oracle:
-    """Per merged token (T / group,): the oracle's significance and the bound of a backend's error on
-    it, whether the focal choice of its segment is decided, and the vector not chosen with its bound
-    (focal; else sig, bound)."""
-
-    sig: torch.Tensor
-    bound: torch.Tensor
-    decided: torch.Tensor
-    alt: torch.Tensor
-    alt_bound: torch.Tensor
-
-
-def _float64(backend: str) -> bool:
-    return (F.default_backend("cpu", "significance_qk_varlen") if backend == "auto" else backend) == "reference"
-
-
-def oracle(q, k, cu, score, kind, group, scale=None, lse=None, backend="cpu") -> Oracle:
-    """The dense float64 oracle on each segment alone (tests/qk_oracle.py), then the group sums; the
-    bound is the float32 one, or H * group for a float64 backend (module docstring)."""
-    parts = {name: [torch.zeros(0, dtype=dt)] for name, dt in
-             (("sig", torch.int64), ("bound", torch.float64), ("decided", torch.bool), ("alt", torch.int64),
-              ("alt_bound", torch.float64))}
-    bounds = cu.tolist()
-    h, d = q.shape[1], q.shape[2]
-    for a, b in zip(bounds, bounds[1:]):
-        if b > a:
-            c = QKCase(B=1, N=b - a, H=h, d=d, P=0, score=score, kind=kind, layout="bshd", scale=scale)
-            seg_lse = None if lse is None else lse[:, a:b][None]
-            got = dense_oracle(c, q[None, a:b], k[None, a:b], seg_lse)
-            for name, v in zip(parts, got):
-                parts[name].append(v[0].expand(b - a) if name == "decided" else v[0])
-    sig, bound, decided, alt, alt_bound = (torch.cat(v) for v in parts.values())
-    if _float64(backend):
-        bound = alt_bound = torch.full_like(bound, float(h))
-        decided = torch.ones_like(decided)  # no alternative: the reference makes the oracle's choice
-    merged = [x.view(-1, group) for x in (sig, bound, decided, alt, alt_bound)]
-    return Oracle(merged[0].sum(1), merged[1].sum(1), merged[2].all(1), merged[3].sum(1), merged[4].sum(1))
-
-
-def check_sig(sig, want: Oracle, cu, group):
-    """sig within the bound of the oracle in every attention segment, or (undecided focal) of the other vector."""
-    assert sig.dtype == torch.int64 and sig.shape == want.sig.shape
-    err, alt_err = (sig - want.sig).abs().double(), (sig - want.alt).abs().double()
-    bounds = (cu // group).tolist()
-    for a, b in zip(bounds, bounds[1:]):
-        near = bool((err[a:b] <= want.bound[a:b]).all())
-        if not near and not want.decided[a:b].all():
-            near = bool((alt_err[a:b] <= want.alt_bound[a:b]).all())
-        assert near, f"merged tokens [{a}, {b}): error {err[a:b].max().item()} over the bound"
-
-
-def segment_lse(q, k, cu, scale):
-    """What FlashAttention varlen returns as softmax_lse: (H, T) float32, each query over its own segment."""
-    lse = torch.empty(q.shape[1], q.shape[0])
-    bounds = cu.tolist()
-    for a, b in zip(bounds, bounds[1:]):
-        logits = scale * torch.einsum("ihd,jhd->hij", q[a:b].float(), k[a:b].float())
-        lse[:, a:b] = torch.logsumexp(logits, dim=-1)
-    return lse
-
-
-def margin_ok(want: Oracle, select_cu, keep, grids=None):
-    """Per selection segment: True where the K-th and (K+1)-th oracle scores (row scores for a grid)
-    differ by more than twice the largest bound of the segment and its focal choices are all decided."""
-    out, bounds = [], select_cu.tolist()
-    for b, ((lo, hi), kk) in enumerate(zip(zip(bounds, bounds[1:]), keep)):
-        cols = 1 if grids is None else grids[2 * b + 1]
-        top = want.sig[lo:hi].view(-1, cols).sum(dim=1).sort(descending=True).values
-        tol = want.bound[lo:hi].view(-1, cols).sum(dim=1).max() if hi > lo else 0.0
-        kk //= cols
-        wide = kk in (0, top.numel()) or bool(top[kk - 1] - top[kk] > 2 * tol)
-        out.append(wide and bool(want.decided[lo:hi].all()))
-    return out
+            pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")),
+            pytest.param("triton", marks=pytest.mark.skipif(
+                "triton" not in F.available_backends("cpu") or bool(PACKED_OPS & F.ops.WITHOUT_TRITON_KERNELS),
+                reason="Triton on CPU tensors needs TRITON_INTERPRET=1, and the packed ops' Triton kernels"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,7 +43,7 @@ def margin_ok(want: Oracle, select_cu, keep, grids=None):
 @pytest.mark.parametrize("score", ["focal", "received"])
 @pytest.mark.parametrize("group", [1, 4])
 def test_ragged_segments_match_the_dense_oracle_per_segment(backend, kind, score, group):
-    q, k, cu = _packed(RAGGED, constant_keys=(2,))
+    q, k, cu = packed(RAGGED, constant_keys=(2,))
     sig = F.significance_qk_varlen(q, k, cu, score=score, kind=kind, group=group, backend=backend)
     want = oracle(q, k, cu, score, kind, group, backend=backend)
     assert sig.shape == (sum(RAGGED) // group,)
@@ -151,7 +59,7 @@ def test_ragged_segments_match_the_dense_oracle_per_segment(backend, kind, score
 @pytest.mark.parametrize("layout", ["qkv", "hd", "contiguous"])
 def test_dtypes_and_strides(backend, dtype, layout):
     lengths = (16, 64, 4, 40)
-    q, k, cu = _packed(lengths, h=3, d=8, dtype=dtype, layout=layout, seed=1)
+    q, k, cu = packed(lengths, h=3, d=8, dtype=dtype, layout=layout, seed=1)
     assert layout == "contiguous" or not q.is_contiguous()
     for kind in ("logit", "prob"):
         sig = F.significance_qk_varlen(q, k, cu.int(), kind=kind, group=4, backend=backend)
@@ -161,7 +69,7 @@ def test_dtypes_and_strides(backend, dtype, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lse_layout", ["flash", "strided"])
 def test_lse_and_scale_given(backend, lse_layout):
-    q, k, cu = _packed((8, 96, 24), seed=2)
+    q, k, cu = packed((8, 96, 24), seed=2)
     scale = 0.3
     lse = segment_lse(q, k, cu, scale)
     if lse_layout == "flash":  # (H, T) with FlashAttention's (T, H)-major strides
@@ -184,7 +92,7 @@ def test_lse_and_scale_given(backend, lse_layout):
 def test_cpu_kernel_scores_a_segment_as_the_dense_kernel_scores_an_image(kind, score):
     """One implementation: each segment's significance is the dense C++ kernel's on that segment alone
     (num_prefix = 0, layout 'bshd', the segment's rows of lse), bit for bit, group sums included."""
-    q, k, cu = _packed(RAGGED, seed=9, constant_keys=(2,))
+    q, k, cu = packed(RAGGED, seed=9, constant_keys=(2,))
     lse = segment_lse(q, k, cu, 0.25) if kind == "prob" else None
     sig = F.significance_qk_varlen(q, k, cu, score=score, kind=kind, lse=lse, group=4, backend="cpu")
     bounds = cu.tolist()
@@ -199,7 +107,7 @@ def test_cpu_kernel_scores_a_segment_as_the_dense_kernel_scores_an_image(kind, s
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 def test_cpu_kernel_does_not_depend_on_the_thread_count(kind):
     """Work items go to whichever thread is free: the result must not depend on it."""
-    q, k, cu = _packed(RAGGED, h=3, seed=10)
+    q, k, cu = packed(RAGGED, h=3, seed=10)
     threads = torch.get_num_threads()
     try:
         got = []
@@ -223,7 +131,7 @@ def test_empty_batches(backend):
 
 
 def test_prob_blocks_give_the_unblocked_means(monkeypatch):
-    q, k, cu = _packed((4, 300, 52), seed=3)
+    q, k, cu = packed((4, 300, 52), seed=3)
     whole = reference_qk.significance_qk_varlen_parts(q, k, cu, "focal", kind="prob")
     monkeypatch.setattr(reference_qk, "_BLOCK", 1000)  # 3 query rows per block in the 300-token segment
     assert (reference_qk.significance_qk_varlen_parts(q, k, cu, "focal", kind="prob") - whole).abs().max() <= 2
@@ -232,7 +140,7 @@ def test_prob_blocks_give_the_unblocked_means(monkeypatch):
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 def test_parts_of_head_subsets_add_up(kind):
     """Tensor parallelism: ranks holding disjoint heads all-reduce their parts into the full result."""
-    q, k, cu = _packed((8, 64, 28), h=4, seed=4)
+    q, k, cu = packed((8, 64, 28), h=4, seed=4)
     full = reference_qk.significance_qk_varlen_parts(q, k, cu, "focal", kind=kind)
     ranks = [reference_qk.significance_qk_varlen_parts(q[:, hs], k[:, hs], cu, "focal", kind=kind, scale=16**-0.5)
              for hs in (slice(0, 1), slice(1, 4))]
@@ -242,39 +150,11 @@ def test_parts_of_head_subsets_add_up(kind):
     assert torch.equal(sig, F.significance_qk_varlen(q, k, cu, score="focal", kind=kind, group=4, backend="reference"))
 
 
-def _selection_oracle(tokens, sig, select_cu, keep, strategy, grids):
-    bounds, parts = select_cu.tolist(), [torch.zeros(0, dtype=torch.int64)]
-    for b, kk in enumerate(keep):
-        grid = None if grids is None else (grids[2 * b], grids[2 * b + 1])
-        if bounds[b + 1] > bounds[b]:
-            parts.append(reference.select(sig[bounds[b]:bounds[b + 1]][None], kk, strategy, grid)[0] + bounds[b])
-    idx = torch.cat(parts)
-    return tokens[idx], idx
-
-
-def check_prune(backend, got, q, k, cu, tokens, keep, strategy, kind, group, select, grids, least):
-    """A prune's outputs: idx the oracle's in every selection segment with a decisive margin (at least
-    `least` of them), idx the exact selection of the op's own significance everywhere, pruned the
-    tokens at idx bit for bit, cu_seqlens_out the prefix sums of keep in select's dtype."""
-    pruned, idx, cu_out = got
-    want = oracle(q, k, cu, "focal", kind, group, backend=backend)
-    ok = margin_ok(want, select, keep, grids)
-    assert sum(ok) >= least, ok
-    _, want_idx = _selection_oracle(tokens, want.sig, select, keep, strategy, grids)
-    sig = F.significance_qk_varlen(q, k, cu, kind=kind, group=group, backend=backend)
-    _, own_idx = _selection_oracle(tokens, sig, select, keep, strategy, grids)
-    bounds_out = [0, *itertools.accumulate(keep)]
-    for b, good in enumerate(ok):
-        if good:
-            assert torch.equal(idx[bounds_out[b]:bounds_out[b + 1]], want_idx[bounds_out[b]:bounds_out[b + 1]])
-    assert torch.equal(idx, own_idx) and torch.equal(pruned, tokens[idx])
-    assert cu_out.tolist() == bounds_out and cu_out.dtype == select.dtype
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 def test_prune_per_attention_segment(backend, kind):
-    q, k, cu = _packed(RAGGED, seed=5)
+    q, k, cu = packed(RAGGED, seed=5)
     merged = [n // 4 for n in RAGGED]
     tokens = torch.randn(sum(merged), 24, dtype=torch.bfloat16)
     keep = [1, 100, 0, 0, 50, 2, 9]  # keep = n for the last one
@@ -289,7 +169,7 @@ def test_prune_a_video_over_the_whole_clip(backend, strategy, kind):
     """Attention per frame, selection per media: an image (2 x 3 merged grid) and a 3-frame video of
     2 x 2 merged tokens per frame (grid (6, 2)), as Qwen-VL's full-attention layers see them."""
     lengths = (24, 16, 16, 16)  # tokens: image, then the video's frames
-    q, k, cu = _packed(lengths, seed=6)
+    q, k, cu = packed(lengths, seed=6)
     select = torch.tensor([0, 6, 18], dtype=torch.int32)
     tokens = torch.randn(18, 8)
     keep, grids = ([3, 4], [2, 3, 6, 2]) if strategy == "row" else ([4, 7], None)
@@ -299,7 +179,7 @@ def test_prune_a_video_over_the_whole_clip(backend, strategy, kind):
 
 
 def test_torch_compile_fullgraph():
-    q, k, cu = _packed((8, 16), seed=7)
+    q, k, cu = packed((8, 16), seed=7)
     tokens = torch.randn(6, 4)
 
     @torch.compile(fullgraph=True)
@@ -332,7 +212,7 @@ def test_mrope_positions_by_hand():
 
 
 def _varlen_qk_args(**over):
-    q, k, cu = _packed((8, 4), h=2, d=4)
+    q, k, cu = packed((8, 4), h=2, d=4)
     args = dict(tokens=torch.randn(3, 5), q=q, k=k, cu_seqlens=cu, keep=[1, 1], strategy="rank", score="focal",
                 scale=None, lse=None, kind="logit", group=4, cu_seqlens_select=None, grids=None)
     args.update(over)
@@ -416,19 +296,181 @@ def test_cxx_and_python_checks_give_the_same_text(name):
         assert op is F.significance_qk_varlen or texts[0] is not None
 
 
-def test_gpu_backends_without_a_kernel_are_refused():
+@pytest.mark.skipif(not PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS, reason="the CUDA C++ kernels have landed")
+def test_cuda_cxx_backend_without_a_kernel_is_refused():
+    """Until their CUDA C++ kernels land, backend='cuda' is refused rather than served by another kernel;
+    CUDA tensors go to the Triton kernels (tests/test_backends.py checks the dispatcher slots)."""
     args = _varlen_qk_args()
-    with pytest.raises(ValueError, match=r"backend='triton' has no Triton kernel for prune_tokens_qk_varlen yet"):
-        F.prune_tokens_qk_varlen(**args, backend="triton")
-    with pytest.raises(ValueError, match=r"backend='cuda' has no CUDA C\+\+ kernel for significance_qk_varlen yet"):
+    for op in sorted(PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS):
+        with pytest.raises(ValueError, match=rf"backend='cuda' has no CUDA C\+\+ kernel for {op} yet"):
+            if op == "significance_qk_varlen":
+                F.significance_qk_varlen(args["q"], args["k"], args["cu_seqlens"], backend="cuda")
+            else:
+                F.prune_tokens_qk_varlen(**args, backend="cuda")
+
+
+def test_forced_gpu_backends_on_cpu_tensors_are_refused_clearly():
+    """backend='cuda' (and 'triton' while it has no packed kernel) on CPU tensors: a clear refusal."""
+    args = _varlen_qk_args()
+    if "prune_tokens_qk_varlen" in F.ops.WITHOUT_TRITON_KERNELS:
+        with pytest.raises(ValueError, match=r"backend='triton' has no Triton kernel for prune_tokens_qk_varlen yet"):
+            F.prune_tokens_qk_varlen(**args, backend="triton")
+    if PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS:
+        return  # test_cuda_cxx_backend_without_a_kernel_is_refused
+    cuda = (r"backend='cuda' needs CUDA tensors, got cpu" if F.HAS_CUDA_KERNELS
+            else r"backend='cuda' needs the library built with its CUDA kernels")
+    with pytest.raises(ValueError, match=cuda):
         F.significance_qk_varlen(args["q"], args["k"], args["cu_seqlens"], backend="cuda")
+    with pytest.raises(ValueError, match=cuda):
+        F.prune_tokens_qk_varlen(**args, backend="cuda")
+
+
+def _cxx_cuda_kernel(op: str):
+    """The C++ CUDA kernel of `op` as a callable on any tensors, wherever registration.py left it (its own
+    CUDA slot, or fopru_cxx::<op> where a Python kernel took the slot). Only for calls its checks refuse:
+    a call they accept would go on to launch on the tensors' memory."""
+    name = f"fopru_cxx::{op}" if ("fopru_cxx::" + op) in torch._C._dispatch_get_all_op_names() else f"fopru::{op}"
+    kernel = torch.library.get_kernel(name, "CUDA")
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return lambda *args: kernel.call_boxed(keys, *args)
+
+
+needs_cuda_cxx = pytest.mark.skipif(not PACKED_OPS <= F.ops.CUDA_KERNEL_OPS,
+                                    reason="no CUDA C++ kernel of the packed ops in this build")
+
+
+@needs_cuda_cxx
+@pytest.mark.parametrize("name", QK_VARLEN_ERRORS)
+def test_cuda_entry_points_check_with_the_shared_texts(name):
+    """The CUDA C++ entry points run csrc/checks.cpp before any device work: on CPU tensors (so without a
+    GPU) each bad argument gets the reference's text, from the prune and, where the scoring arguments
+    are bad too, from significance_qk_varlen."""
+    args = _varlen_qk_args(**QK_VARLEN_ERRORS[name][0])
+    score_args = {n: args[n] for n in ("q", "k", "cu_seqlens", "score", "scale", "lse", "kind", "group")}
+    refused = 0
+    for op, op_args in (("significance_qk_varlen", score_args), ("prune_tokens_qk_varlen", args)):
+        try:
+            getattr(F, op)(**op_args, backend="reference")
+            continue  # accepted: the CUDA kernel would launch on host memory
+        except ValueError as e:
+            want = str(e)
+        names = [a.name for a in getattr(torch.ops.fopru, op).default._schema.arguments]
+        with pytest.raises(ValueError) as got:
+            _cxx_cuda_kernel(op)(*(op_args[n] for n in names))
+        assert str(got.value) == want
+        refused += 1
+    assert refused >= 1
+
+
+@needs_cuda_cxx
+def test_cuda_head_dim_cap_text():
+    """SPEC.md's CUDA limit, raised after the checks and before any device work (so on CPU tensors too)."""
+    q, cu = torch.zeros(8, 1, 8193), torch.tensor([0, 8])
+    pattern = r"fopru: significance_qk_varlen supports head dim d <= 8192 on CUDA, got 8193"
+    with pytest.raises(RuntimeError, match=pattern):
+        _cxx_cuda_kernel("significance_qk_varlen")(q, q, cu, "focal", None, None, "logit", 4)
+    with pytest.raises(RuntimeError, match=pattern):
+        _cxx_cuda_kernel("prune_tokens_qk_varlen")(torch.zeros(2, 3), q, q, cu, [1], "rank", "focal", None, None,
+                                                   "logit", 4, None, None)
+
+
+# ----------------------------------------------------------------------------------- GPU
+
+
+def gpu_params() -> list:
+    """conftest.gpu_backends() less each GPU backend ('cuda', 'triton') whose kernels of the packed ops
+    have not landed."""
+    pending = {"cuda": PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS, "triton": PACKED_OPS & F.ops.WITHOUT_TRITON_KERNELS}
+    return [p for p in gpu_backends() if not pending[p.values[0]]]
 
 
 @pytest.mark.cuda
-def test_reference_serves_cuda_tensors_until_the_gpu_kernels_land(cuda_device):
-    q, k, cu = _packed((16, 64, 8), seed=8)
-    tokens = torch.randn(22, 8)
-    want = F.prune_tokens_qk_varlen(tokens, q, k, cu, [2, 5, 1], kind="logit", group=4, backend="reference")
-    got = F.prune_tokens_qk_varlen(tokens.to(cuda_device), q.to(cuda_device), k.to(cuda_device), cu.to(cuda_device),
-                                   [2, 5, 1], kind="logit", group=4)
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+@pytest.mark.parametrize("score", ["focal", "received"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_gpu_ragged_segments(cuda_device, backend, kind, score, group):
+    q, k, cu = packed(RAGGED, h=4, d=80, dtype=torch.float16, constant_keys=(2,))
+    dq, dk, dcu = q.to(cuda_device), k.to(cuda_device), cu.to(cuda_device, torch.int32)
+    sig = F.significance_qk_varlen(dq, dk, dcu, score=score, kind=kind, group=group, backend=backend)
+    check_sig(sig, oracle(q, k, cu, score, kind, group, backend=backend), cu, group)
+    if kind == "prob":  # FlashAttention's lse layout: (H, T) with (T, H)-major strides
+        lse = segment_lse(dq, dk, dcu, 80**-0.5).t().contiguous().t()
+        sig = F.significance_qk_varlen(dq, dk, dcu, score=score, lse=lse, kind=kind, group=group, backend=backend)
+        check_sig(sig, oracle(q, k, cu, score, kind, group, lse=lse.cpu(), backend=backend), cu, group)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("strategy", ["rank", "row"])
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+def test_gpu_prune_a_video_over_the_whole_clip(cuda_device, backend, strategy, kind):
+    q, k, cu = packed((24, 16, 16, 16), seed=6)
+    select = torch.tensor([0, 6, 18], dtype=torch.int32)
+    tokens = torch.randn(18, 8)
+    keep, grids = ([3, 4], [2, 3, 6, 2]) if strategy == "row" else ([4, 7], None)
+    dev = [t.to(cuda_device) for t in (tokens, q, k, cu, select)]
+    got = F.prune_tokens_qk_varlen(*dev[:4], keep, strategy=strategy, kind=kind, group=4, cu_seqlens_select=dev[4],
+                                   grids=grids, backend=backend)
+    check_prune(backend, got, *dev[1:4], tokens, keep, strategy, kind, 4, select, grids, least=2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_params())
+def test_gpu_invalid_cu_seqlens(cuda_device, backend):
+    """On a GPU nobody reads cu_seqlens on the host: the kernels check it, sig is all INT64_MIN and every
+    idx -1 with zero rows, nothing raises, nothing is read out of bounds."""
+    q, k, cu = packed((8, 16, 4), seed=3)
+    q, k = q.to(cuda_device), k.to(cuda_device)
+    tokens = torch.randn(7, 5, device=cuda_device)
+    for bad in INVALID_CU:
+        bad = torch.tensor(bad, device=cuda_device)
+        for kind in ("logit", "prob"):
+            sig = F.significance_qk_varlen(q, k, bad, kind=kind, group=4, backend=backend)
+            assert (sig == INT64_MIN).all()
+            pruned, idx, cu_out = F.prune_tokens_qk_varlen(tokens, q, k, bad, [1, 1, 1], kind=kind, group=4,
+                                                           cu_seqlens_select=torch.tensor([0, 2, 6, 7], device=cuda_device),
+                                                           backend=backend)
+            assert (idx == -1).all() and (pruned == 0).all() and cu_out.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+def test_gpu_cuda_graph(cuda_device, backend, kind):
+    """Capture once, replay on new q, k, tokens and segment bounds (same T and S): no host sync; the
+    replays equal eager calls on the same inputs."""
+    lengths = [(200, 36, 0, 20), (36, 20, 180, 20), (4, 252, 0, 0)]
+    inputs = [packed(n, h=4, d=64, dtype=torch.float16, seed=s) for s, n in enumerate(lengths)]
+    keep = [5, 1, 0, 5]
+    q, k, cu = (t.to(cuda_device) for t in inputs[0])
+    tokens = torch.randn(64, 16, device=cuda_device, dtype=torch.float16)
+    run = lambda: F.prune_tokens_qk_varlen(tokens, q, k, cu, keep, kind=kind, group=4, backend=backend)  # noqa: E731
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for s, (q_cpu, k_cpu, cu_cpu) in enumerate(inputs[1:], 1):
+        q.copy_(q_cpu)
+        k.copy_(k_cpu)
+        cu.copy_(cu_cpu)
+        tokens.normal_()
+        graph.replay()
+        want = run()
+        for got, w in zip(out, want):
+            assert torch.equal(got, w)
+        if s == 2:  # keep 5 of a 0-token segment: that segment is invalid, the others are exact
+            assert (out[1][6:11] == -1).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_params())
+def test_gpu_torch_compile(cuda_device, backend):
+    q, k, cu = (t.to(cuda_device) for t in packed((8, 16), seed=7))
+    tokens = torch.randn(6, 4, device=cuda_device)
+    compiled = torch.compile(lambda t: F.prune_tokens_qk_varlen(t * 2, q, k, cu, [1, 2], kind="logit", group=4,
+                                                                backend=backend), fullgraph=True)
+    got = compiled(tokens)
+    want = F.prune_tokens_qk_varlen(tokens * 2, q, k, cu, [1, 2], kind="logit", group=4, backend=backend)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

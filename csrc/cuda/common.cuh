@@ -53,6 +53,22 @@ __device__ __forceinline__ V warp_inclusive_scan(V v) {
   return v;
 }
 
+// The last i in [0, count) with a[i] <= x, for a non-decreasing a with a[0] <= x (binary search): the
+// owner of item x when a[i] is owner i's first item (an owner of no items shares its start with the
+// next, and the search passes it over).
+__device__ __forceinline__ int64_t last_at_most(const int64_t* a, int64_t count, int64_t x) {
+  int64_t i = 0;
+  for (int64_t hi = count; hi - i > 1;) {
+    const int64_t mid = (i + hi) / 2;
+    if (a[mid] <= x) {
+      i = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return i;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------

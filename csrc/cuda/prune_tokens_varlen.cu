@@ -12,6 +12,10 @@
 // launch's capacity; otherwise every pass reads them from the significance in global memory (L2),
 // rows summed on the fly. Any n_b up to kMaxTokens works (e.g. 16384 tokens per image from
 // dynamic-resolution encoders); each CTA of an image pays one selection over its n_b keys.
+//
+// prune_tokens_qk_varlen (cuda/significance_qk_varlen.cu) runs the same launches on the significance it
+// computes, through prune_segments_cuda (stages.h): its selection segments may be cu_seqlens / group
+// (`divisor`), and a device flag marks them all invalid when its attention segments were.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -29,6 +33,7 @@
 #include "fopru.h"
 #include "ops.h"
 #include "select.cuh"
+#include "stages.h"
 
 namespace fopru {
 namespace {
@@ -57,6 +62,8 @@ struct VarlenSpec {
   const void* cu;  // cu_seqlens (B + 1,), int32 or int64, element stride cu_stride
   int64_t cu_stride;
   bool cu64;
+  int64_t divisor;         // image b owns tokens [cu[b] / divisor, cu[b + 1] / divisor)
+  const int64_t* invalid;  // device flag: non-zero makes every image invalid; null: none
   void* cu_out;  // cu_seqlens_out (B + 1,), contiguous, cu_seqlens' dtype
   int64_t T;
   const int64_t* sig;  // (T,), element stride sig_stride
@@ -111,9 +118,11 @@ __device__ void zero_rows(const GatherSpec& g, int64_t k0, int64_t k1) {
   }
 }
 
+// Image b's first token (cu_seqlens[b] / divisor).
 __device__ __forceinline__ int64_t load_cu(const VarlenSpec& s, int64_t b) {
-  return s.cu64 ? static_cast<const int64_t*>(s.cu)[b * s.cu_stride]
-                : static_cast<int64_t>(static_cast<const int32_t*>(s.cu)[b * s.cu_stride]);
+  const int64_t v = s.cu64 ? static_cast<const int64_t*>(s.cu)[b * s.cu_stride]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(s.cu)[b * s.cu_stride]);
+  return s.divisor == 1 ? v : v / s.divisor;
 }
 
 // One CTA per (image, chunk of kc kept rows); CTA 0 also writes cu_seqlens_out of its images.
@@ -136,15 +145,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (bid >= im.cta_start[im.count]) return;  // the lone CTA of a launch whose images keep nothing
 
   // This CTA's image: the last i with cta_start[i] <= bid (an image keeping nothing owns no CTA).
-  int64_t i = 0;
-  for (int64_t hi = im.count; hi - i > 1;) {
-    const int64_t mid = (i + hi) / 2;
-    if (im.cta_start[mid] <= bid) {
-      i = mid;
-    } else {
-      hi = mid;
-    }
-  }
+  const int64_t i = last_at_most(im.cta_start, im.count, bid);
   const int64_t b = im.first + i;
   const int64_t out0 = im.keep_start[i];
   const int64_t K = im.keep_start[i + 1] - out0;
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   // The segment, checked here because the host never reads it: in bounds, keep <= n, grid = n.
   const int64_t c0 = load_cu(s, b), c1 = load_cu(s, b + 1);
-  bool ok = c0 >= 0 && c0 <= c1 && c1 <= s.T;
+  bool ok = (s.invalid == nullptr || *s.invalid == 0) && c0 >= 0 && c0 <= c1 && c1 <= s.T;
   const int64_t n = ok ? c1 - c0 : 0;
   ok = ok && K <= n && (!s.by_row || (n % W == 0 && n / W == im.rows[i]));
   if (!ok) {  // uniform across the CTA
@@ -190,12 +191,10 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at::Tensor& tokens, const at::Tensor& sig,
-                                                                        const at::Tensor& cu_seqlens, at::IntArrayRef keep,
-                                                                        c10::string_view strategy,
-                                                                        at::OptionalIntArrayRef grids) {
-  const VarlenArgs a = check_prune_varlen(tokens, sig, cu_seqlens, keep,
-                                          std::string_view(strategy.data(), strategy.size()), grids);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_segments_cuda(const at::Tensor& tokens, const at::Tensor& sig,
+                                                                   const at::Tensor& cu_seqlens, int64_t divisor,
+                                                                   at::OptionalIntArrayRef grids, const int64_t* invalid,
+                                                                   const VarlenArgs& a) {
   const c10::cuda::CUDAGuard guard(tokens.device());
   at::Tensor pruned = at::empty({a.total, a.D}, tokens.options());
   at::Tensor idx = at::empty({a.total}, tokens.options().dtype(at::kLong));
@@ -209,6 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at
   s.cu = cu_seqlens.const_data_ptr();
   s.cu_stride = cu_seqlens.stride(0);
   s.cu64 = cu_seqlens.scalar_type() == at::kLong;
+  s.divisor = divisor;
+  s.invalid = invalid;
   s.cu_out = cu_out.mutable_data_ptr();
   s.T = a.T;
   s.sig = sig.const_data_ptr<int64_t>();
@@ -257,6 +258,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {pruned, idx, cu_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_varlen_cuda(const at::Tensor& tokens, const at::Tensor& sig,
+                                                                        const at::Tensor& cu_seqlens, at::IntArrayRef keep,
+                                                                        c10::string_view strategy,
+                                                                        at::OptionalIntArrayRef grids) {
+  const VarlenArgs a = check_prune_varlen(tokens, sig, cu_seqlens, keep,
+                                          std::string_view(strategy.data(), strategy.size()), grids);
+  return prune_segments_cuda(tokens, sig, cu_seqlens, 1, grids, nullptr, a);
 }
 
 }  // namespace fopru

@@ -7,7 +7,9 @@
 // first token, out pointing at it, n = the segment's length, b = the segment's index.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 
 #include "common.cuh"
@@ -178,6 +180,33 @@ __device__ void dot_rows(const DotJob& job, const DotSpec& sp, int64_t b, int64_
   }
 }
 
+// dot_rows with the job's row access (16-byte chunks or elements) picked at run time.
+template <typename T>
+__device__ __forceinline__ void dot_rows_of(const DotJob& job, const DotSpec& sp, int64_t b, int64_t chunk,
+                                            float* s_u) {
+  if (job.vec) {
+    dot_rows<T, true>(job, sp, b, chunk, s_u);
+  } else {
+    dot_rows<T, false>(job, sp, b, chunk, s_u);
+  }
+}
+
+// Host: heads staged per pass (hc), rows one CTA of the dot kernel covers for a job, its dynamic
+// shared memory (hc * d floats of u, then hc floats of lse2).
+inline int64_t dot_heads_per_pass(int64_t H, int64_t d) {
+  return std::max<int64_t>(1, std::min<int64_t>(H, kDotSmem / (4 * (d + 1))));
+}
+inline int64_t dot_rows_per_cta(int64_t d, bool vec, int64_t es) {
+  return kDotRows * (kDotThreads / dot_lanes(vec ? d / (16 / es) : d));
+}
+inline int64_t dot_smem_bytes(const DotSpec& sp) { return 4 * sp.hc * (sp.d + 1); }
+
+// SPEC.md "Backend limits": one head's vector must fit the dot kernel's shared memory. Checked
+// before anything else of a call (op names it), so a too large d fails whatever the sizes are.
+inline void check_head_dim(std::string_view op, int64_t d) {
+  TORCH_CHECK(d <= kMaxHeadDim, "fopru: ", op, " supports head dim d <= ", kMaxHeadDim, " on CUDA, got ", d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // _qk_patch_sum_kernel: out[y, b, h, e] = sum_{i<N} x_y[b, h, P + i, e] in float32, fixed order
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +275,17 @@ __device__ void sum_rows(const SumJob& job, int64_t b, int64_t h, int64_t N, int
     float t = 0.0f;
     for (int64_t r = 0; r < rg; ++r) t += part[r * d + e];
     out[e] = t;
+  }
+}
+
+// sum_rows with the job's row access picked at run time.
+template <typename T>
+__device__ __forceinline__ void sum_rows_of(const SumJob& job, int64_t b, int64_t h, int64_t N, int64_t P, int64_t d,
+                                            float* out, float* part) {
+  if (job.vec) {
+    sum_rows<T, true>(job, b, h, N, P, d, out, part);
+  } else {
+    sum_rows<T, false>(job, b, h, N, P, d, out, part);
   }
 }
 

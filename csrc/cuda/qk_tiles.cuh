@@ -38,6 +38,14 @@ struct MatView {
   int64_t sb, sh, ss, sd;
 };
 
+// lse2 of query i of one (image or segment, head): p[i * ss] * mult (mult as in LseView).
+struct LseRow {
+  const float* p;
+  int64_t ss;
+  float mult;
+  __device__ __forceinline__ float at(int64_t i) const { return p[i * ss] * mult; }
+};
+
 // lse2 (base-2 logsumexp) of query i of (b, h): p[b * sb + h * sh + (s0 + i) * ss] * mult, where
 // mult = log2(e) for a given natural-log lse and 1 for the workspace of _qk_lse_kernel.
 struct LseView {
@@ -46,6 +54,10 @@ struct LseView {
   float mult;
   __device__ __forceinline__ float at(int64_t b, int64_t h, int64_t i) const {
     return p[b * sb + h * sh + (s0 + i) * ss] * mult;
+  }
+  // The rows of (b, h): row(b, h).at(i) reads what at(b, h, i) reads.
+  __device__ __forceinline__ LseRow row(int64_t b, int64_t h) const {
+    return LseRow{p + b * sb + h * sh + s0 * ss, ss, mult};
   }
 };
 

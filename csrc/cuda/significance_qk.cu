@@ -43,6 +43,7 @@
 #include "common.cuh"
 #include "fopru.h"
 #include "ops.h"
+#include "qk_prob.cuh"
 #include "qk_rows.cuh"
 #include "qk_tiles.cuh"
 #include "stages.h"
@@ -50,21 +51,15 @@
 namespace fopru {
 namespace {
 
-constexpr int kMapGroups = 4;  // CTAs per (image, head) that split the key blocks (at most)
 constexpr int kFinishThreads = 256;
 
 // Grid (B * cpi, jobs). Dynamic shared memory: hc * d floats of u, then hc floats of lse2.
 template <typename T>
 __global__ void __launch_bounds__(kDotThreads) _qk_dot_kernel(DotJob job0, DotJob job1, DotSpec sp) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const DotJob job = blockIdx.y == 0 ? job0 : job1;
+  const DotJob job = blockIdx.y == 0 ? job0 : job1;  // a copy: a reference to a parameter would spill both
   const int64_t b = blockIdx.x / sp.cpi, chunk = blockIdx.x - b * sp.cpi;
-  float* s_u = reinterpret_cast<float*>(smem);
-  if (job.vec) {
-    dot_rows<T, true>(job, sp, b, chunk, s_u);
-  } else {
-    dot_rows<T, false>(job, sp, b, chunk, s_u);
-  }
+  dot_rows_of<T>(job, sp, b, chunk, reinterpret_cast<float*>(smem));
 }
 
 // Grid (B * H, jobs); out is (jobs, B, H, d) float32.
@@ -74,14 +69,9 @@ __global__ void __launch_bounds__(kSumThreads)
                          float* __restrict__ out) {
   // rg * C <= blockDim.x when rg > 1, so the partials take at most blockDim.x * 16 / sizeof(T) floats.
   __shared__ float part[kSumThreads * 8];
-  const SumJob job = blockIdx.y == 0 ? job0 : job1;
+  const SumJob job = blockIdx.y == 0 ? job0 : job1;  // a copy: a reference to a parameter would spill both
   const int64_t b = blockIdx.x / H, h = blockIdx.x - b * H;
-  float* o = out + ((static_cast<int64_t>(blockIdx.y) * B + b) * H + h) * d;
-  if (job.vec) {
-    sum_rows<T, true>(job, b, h, N, P, d, o, part);
-  } else {
-    sum_rows<T, false>(job, b, h, N, P, d, o, part);
-  }
+  sum_rows_of<T>(job, b, h, N, P, d, out + ((static_cast<int64_t>(blockIdx.y) * B + b) * H + h) * d, part);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -91,56 +81,24 @@ __global__ void __launch_bounds__(kSumThreads)
 struct LseSpec {
   MatView q, k;
   bool q_vec, k_vec;
-  int64_t H, S, r0, nr;
-  int d, dpad, ld, nqb;
+  int64_t H, S, r0, nr, nqb;
+  TileGeom tg;
   float c2;    // scale * log2(e)
   float* out;  // (B, H, nr)
 };
 
-// CTA per (image, head, block of 64 queries), streaming all S keys in double-buffered tiles.
-// Warp w owns query rows 16 w .. 16 w + 15 and all 64 keys of a tile; each lane keeps an online
-// (max, sum) for its two rows over its own columns, and the four lanes of a row merge at the end.
+// CTA per (image, head, block of 64 queries): qk_prob.cuh's lse_rows over all S keys.
 template <typename T>
 __global__ void __launch_bounds__(kMapThreads) _qk_lse_kernel(const LseSpec sp) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* const qs = reinterpret_cast<T*>(smem);
-  T* const ks0 = qs + kTile * sp.ld;
   const int64_t cta = blockIdx.x;
   const int64_t bh = cta / sp.nqb, qb = cta - bh * sp.nqb;
   const int64_t b = bh / sp.H, h = bh - b * sp.H;
-  zero_pad(qs, 3 * kTile, sp.ld, sp.d, sp.dpad);
-  const T* qbase = static_cast<const T*>(sp.q.p) + b * sp.q.sb + h * sp.q.sh + (sp.r0 + qb * kTile) * sp.q.ss;
-  const T* kbase = static_cast<const T*>(sp.k.p) + b * sp.k.sb + h * sp.k.sh;
   const int64_t i0 = qb * kTile;
-  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
-  const int g = lane >> 2, t = lane & 3;
-  const int64_t nkb = (sp.S + kTile - 1) / kTile;
-
-  load_tile<T>(qs, sp.ld, qbase, sp.q.ss, sp.q.sd, min64(kTile, sp.nr - i0), sp.d, sp.q_vec);
-  load_tile<T>(ks0, sp.ld, kbase, sp.k.ss, sp.k.sd, min64(kTile, sp.S), sp.d, sp.k_vec);
-  cp_async_commit();
-  float m[2] = {-INFINITY, -INFINITY}, s[2] = {0.0f, 0.0f};
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t j0 = kb * kTile;
-    const T* cur = ks0 + (kb & 1) * kTile * sp.ld;
-    if (kb + 1 < nkb) {
-      load_tile<T>(ks0 + ((kb + 1) & 1) * kTile * sp.ld, sp.ld, kbase + (j0 + kTile) * sp.k.ss, sp.k.ss, sp.k.sd,
-                   min64(kTile, sp.S - j0 - kTile), sp.d, sp.k_vec);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    float acc[1][8][4];
-    warp_logits<T, 1, 8>(qs, cur, sp.ld, sp.d, sp.dpad, 16 * warp, 0, acc);
-    lse_tile_update(acc, j0, sp.S, t, sp.c2, m, s);
-    __syncthreads();  // cur is overwritten by the next prefetch
-  }
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    lse_merge_row(m[hr], s[hr]);
-    const int64_t i = i0 + 16 * warp + g + 8 * hr;
-    if (t == 0 && i < sp.nr) sp.out[bh * sp.nr + i] = m[hr] + log2f(s[hr]);
-  }
+  const T* q = static_cast<const T*>(sp.q.p) + b * sp.q.sb + h * sp.q.sh + (sp.r0 + i0) * sp.q.ss;
+  const T* k = static_cast<const T*>(sp.k.p) + b * sp.k.sb + h * sp.k.sh;
+  lse_rows<T>(HeadRows<T>{q, sp.q.ss, sp.q.sd, sp.q_vec}, min64(kTile, sp.nr - i0),
+              HeadRows<T>{k, sp.k.ss, sp.k.sd, sp.k_vec}, sp.S, sp.tg, sp.c2, sp.out + bh * sp.nr + i0, smem);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,135 +109,39 @@ struct MapSpec {
   MatView q, k;
   bool q_vec, k_vec;
   int64_t B, H, N, P;
-  int d, dpad, ld;
-  int nkb, kpg, groups;  // key blocks, key blocks per CTA, CTAs per (image, head)
-  float c2;              // scale * log2(e)
-  LseView lse;           // lse2 of patch query i: lse.at(b, h, i)
-  int64_t* col;          // col[b * col_sb + j] += sum_h fx(colmean), zeroed before
+  TileGeom tg;
+  MapSplit split;  // map_split(N)
+  float c2;        // scale * log2(e)
+  LseView lse;     // lse2 of patch query i: lse.at(b, h, i)
+  int64_t* col;    // col[b * col_sb + j] += sum_h fx(colmean), zeroed before
   int64_t col_sb;
   float* row_part;  // focal: (2 * groups, B, H, N) partial row sums; null for received
 };
 
-// CTA per (image, head, group of kpg key blocks). For each 64-key block (kept in shared memory) it
-// streams the N patch queries in double-buffered 64-row tiles. Warps form 2 x 2 (query rows x key
-// columns) of 32 x 32. Column sums stay in registers across the query tiles, in tile order, then
-// fold over the 8 lanes of a column and the 2 row warps: complete per CTA, so colmean = sum / N
-// goes straight through fx into an int64 atomic (the head sum). Row sums of a tile fold over the
-// 4 lanes of a row; they are complete only over all key blocks, so slot (group, column warp) of
-// row_part accumulates its own key blocks in order and _qk_row_finish_kernel adds the slots.
+// CTA per (image, head, group of kpg key blocks): qk_prob.cuh's prob_map_keys on the patch block.
 template <typename T>
 __global__ void __launch_bounds__(kMapThreads) _qk_prob_map_kernel(const MapSpec sp) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_col[2][kTile];
-  T* const ks = reinterpret_cast<T*>(smem);
-  T* const qs0 = ks + kTile * sp.ld;
   const int64_t cta = blockIdx.x;
-  const int64_t bh = cta / sp.groups;
-  const int grp = static_cast<int>(cta - bh * sp.groups);
+  const int64_t bh = cta / sp.split.groups, grp = cta - bh * sp.split.groups;
   const int64_t b = bh / sp.H, h = bh - b * sp.H;
-  const int64_t n = sp.N;
-  zero_pad(ks, 3 * kTile, sp.ld, sp.d, sp.dpad);
-  const T* qbase = static_cast<const T*>(sp.q.p) + b * sp.q.sb + h * sp.q.sh + sp.P * sp.q.ss;
-  const T* kbase = static_cast<const T*>(sp.k.p) + b * sp.k.sb + h * sp.k.sh + sp.P * sp.k.ss;
-  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
-  const int wr = warp >> 1, wc = warp & 1;
-  const int g = lane >> 2, t = lane & 3;
-  const int64_t nqb = (n + kTile - 1) / kTile;
-  const int kb0 = grp * sp.kpg, kb1 = min(sp.nkb, kb0 + sp.kpg);
-  float* rows_out =
-      sp.row_part != nullptr ? sp.row_part + ((static_cast<int64_t>(2 * grp + wc) * sp.B + b) * sp.H + h) * n : nullptr;
-
-  for (int kb = kb0; kb < kb1; ++kb) {
-    const int64_t j0 = static_cast<int64_t>(kb) * kTile;
-    load_tile<T>(ks, sp.ld, kbase + j0 * sp.k.ss, sp.k.ss, sp.k.sd, min64(kTile, n - j0), sp.d, sp.k_vec);
-    load_tile<T>(qs0, sp.ld, qbase, sp.q.ss, sp.q.sd, min64(kTile, n), sp.d, sp.q_vec);
-    cp_async_commit();
-    bool cv[4][2];
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) cv[nt][c] = j0 + 32 * wc + 8 * nt + 2 * t + c < n;
-    }
-    float colacc[4][2] = {};
-    for (int64_t qb = 0; qb < nqb; ++qb) {
-      const int64_t i0 = qb * kTile;
-      const T* cur = qs0 + (qb & 1) * kTile * sp.ld;
-      if (qb + 1 < nqb) {
-        load_tile<T>(qs0 + ((qb + 1) & 1) * kTile * sp.ld, sp.ld, qbase + (i0 + kTile) * sp.q.ss, sp.q.ss, sp.q.sd,
-                     min64(kTile, n - i0 - kTile), sp.d, sp.q_vec);
-      }
-      cp_async_commit();
-      // Per-row inputs, loaded before the wait so their latency overlaps the tile's.
-      bool rv[2][2];
-      float lse2[2][2], old[2][2];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int64_t i = i0 + 32 * wr + 16 * mt + g + 8 * hr;
-          rv[mt][hr] = i < n;
-          lse2[mt][hr] = rv[mt][hr] ? sp.lse.at(b, h, i) : 0.0f;
-          // Only this thread wrote rows_out[i] of this slot (at the previous key block).
-          old[mt][hr] = rows_out != nullptr && t == 0 && rv[mt][hr] && kb > kb0 ? rows_out[i] : 0.0f;
-        }
-      }
-      cp_async_wait<1>();
-      __syncthreads();
-      float acc[2][4][4];
-      warp_logits<T, 2, 4>(cur, ks, sp.ld, sp.d, sp.dpad, 32 * wr, 32 * wc, acc);
-      float rowacc[2][2] = {};
-      prob_tile_sums(acc, sp.c2, lse2, rv, cv, colacc, rowacc);
-      if (rows_out != nullptr) {
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            float r = rowacc[mt][hr];
-            r += __shfl_xor_sync(kFullMask, r, 1);
-            r += __shfl_xor_sync(kFullMask, r, 2);
-            if (t == 0 && rv[mt][hr]) rows_out[i0 + 32 * wr + 16 * mt + g + 8 * hr] = old[mt][hr] + r;
-          }
-        }
-      }
-      __syncthreads();  // cur is overwritten by the next prefetch
-    }
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        float v = colacc[nt][c];
-        v += __shfl_xor_sync(kFullMask, v, 4);
-        v += __shfl_xor_sync(kFullMask, v, 8);
-        v += __shfl_xor_sync(kFullMask, v, 16);
-        if (g == 0) s_col[wr][32 * wc + 8 * nt + 2 * t + c] = v;
-      }
-    }
-    __syncthreads();
-    // s_col is next written after the next key block's query loop, whose barriers order it.
-    if (threadIdx.x < kTile) {
-      const int64_t j = j0 + threadIdx.x;
-      if (j < n) {
-        const float mean = (s_col[0][threadIdx.x] + s_col[1][threadIdx.x]) / static_cast<float>(n);
-        atomicAdd(reinterpret_cast<ull*>(sp.col + b * sp.col_sb + j), static_cast<ull>(fx(mean)));
-      }
-    }
-  }
+  const T* q = static_cast<const T*>(sp.q.p) + b * sp.q.sb + h * sp.q.sh + sp.P * sp.q.ss;
+  const T* k = static_cast<const T*>(sp.k.p) + b * sp.k.sb + h * sp.k.sh + sp.P * sp.k.ss;
+  const int64_t kb0 = grp * sp.split.kpg, kb1 = min64(sp.split.nkb, kb0 + sp.split.kpg);
+  // Slot (2 grp + column warp) of the row partials: ((slot * B + b) * H + h) * N.
+  float* rows0 = sp.row_part != nullptr ? sp.row_part + ((2 * grp * sp.B + b) * sp.H + h) * sp.N : nullptr;
+  prob_map_keys<T>(HeadRows<T>{q, sp.q.ss, sp.q.sd, sp.q_vec}, HeadRows<T>{k, sp.k.ss, sp.k.sd, sp.k_vec}, sp.N, kb0,
+                   kb1, sp.lse.row(b, h), sp.tg, sp.c2, sp.col + b * sp.col_sb, rows0, sp.B * sp.H * sp.N, smem);
 }
 
-// row[b * row_sb + i] = sum_h fx((sum over slots of part[slot, b, h, i]) / N), slots in order.
+// row[b * row_sb + i] = qk_prob.cuh's row_sum_fx over the slots of part (slots, B, H, N).
 __global__ void __launch_bounds__(kFinishThreads)
-    _qk_row_finish_kernel(const float* __restrict__ part, int slots, int64_t B, int64_t H, int64_t N,
+    _qk_row_finish_kernel(const float* __restrict__ part, int64_t slots, int64_t B, int64_t H, int64_t N,
                           int64_t* __restrict__ row, int64_t row_sb) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= B * N) return;
   const int64_t b = idx / N, i = idx - b * N;
-  int64_t acc = 0;
-  for (int64_t h = 0; h < H; ++h) {
-    float s = 0.0f;
-    for (int sl = 0; sl < slots; ++sl) s += part[((sl * B + b) * H + h) * N + i];
-    acc += fx(s / static_cast<float>(N));
-  }
-  row[b * row_sb + i] = acc;
+  row[b * row_sb + i] = row_sum_fx(part + b * H * N, slots, B * H * N, N, H, N, i);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -298,8 +160,7 @@ LseView launch_lse(const MatView& q, bool q_vec, const MatView& k, bool k_vec, c
   ws = at::empty({a.B, a.H, nr}, ctx.opts.dtype(at::kFloat));
   float* out = ws.mutable_data_ptr<float>();
   const TileGeom tg = tile_geom(a.d, sizeof(T));
-  LseSpec sp{q, k, q_vec, k_vec, a.H, a.S, r0, nr, tg.d, tg.dpad, tg.ld, static_cast<int>(ceil_div(nr, kTile)),
-             static_cast<float>(a.scale * kLog2e), out};
+  LseSpec sp{q, k, q_vec, k_vec, a.H, a.S, r0, nr, ceil_div(nr, kTile), tg, static_cast<float>(a.scale * kLog2e), out};
   const int64_t blocks = a.B * a.H * sp.nqb;
   if (blocks > 0) {
     TORCH_CHECK(blocks <= INT_MAX, "fopru: q/k too large for one launch (", blocks, " CTAs)");
@@ -314,20 +175,16 @@ LseView launch_lse(const MatView& q, bool q_vec, const MatView& k, bool k_vec, c
 // One or two dot jobs sharing spec `sp` (n, c, prob, lse set by the caller).
 template <typename T>
 void launch_dot(const DotJob& job0, const DotJob* job1, DotSpec sp, int64_t B, const Ctx& ctx) {
-  constexpr int64_t V = 16 / sizeof(T);
   int64_t cpi = 0;
   for (const DotJob* j : {&job0, job1}) {
-    if (j == nullptr) continue;
-    const int64_t rows = kDotRows * (kDotThreads / dot_lanes(j->vec ? sp.d / V : sp.d));
-    cpi = std::max(cpi, ceil_div(sp.n, rows));
+    if (j != nullptr) cpi = std::max(cpi, ceil_div(sp.n, dot_rows_per_cta(sp.d, j->vec, sizeof(T))));
   }
   sp.cpi = cpi;
-  sp.hc = std::max<int64_t>(1, std::min<int64_t>(sp.H, kDotSmem / (4 * (sp.d + 1))));
+  sp.hc = dot_heads_per_pass(sp.H, sp.d);
   const int64_t blocks = B * cpi;
   TORCH_CHECK(blocks <= INT_MAX, "fopru: q/k too large for one launch (", blocks, " CTAs)");
   const dim3 grid(static_cast<unsigned>(blocks), job1 != nullptr ? 2u : 1u);
-  const int64_t smem = 4 * sp.hc * (sp.d + 1);
-  _qk_dot_kernel<T><<<grid, kDotThreads, smem, ctx.stream>>>(job0, job1 != nullptr ? *job1 : job0, sp);
+  _qk_dot_kernel<T><<<grid, kDotThreads, dot_smem_bytes(sp), ctx.stream>>>(job0, job1 != nullptr ? *job1 : job0, sp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -388,24 +245,19 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
   sp.H = a.H;
   sp.N = a.N;
   sp.P = a.P;
-  sp.d = tg.d;
-  sp.dpad = tg.dpad;
-  sp.ld = tg.ld;
-  TORCH_CHECK(ceil_div(a.N, kTile) <= INT_MAX, "fopru: N = ", a.N, " too large");
-  sp.nkb = static_cast<int>(ceil_div(a.N, kTile));
+  sp.tg = tg;
   // The key-block split depends on N only, so the row sums' float order does not depend on B.
-  sp.kpg = static_cast<int>(ceil_div(sp.nkb, kMapGroups));
-  sp.groups = static_cast<int>(ceil_div(sp.nkb, sp.kpg));
+  sp.split = map_split(a.N);
   sp.c2 = static_cast<float>(a.scale * kLog2e);
   sp.lse = lv;
   sp.col = col;
   sp.col_sb = sb;
   at::Tensor part;
   if (focal) {
-    part = at::empty({2 * sp.groups, a.B, a.H, a.N}, ctx.opts.dtype(at::kFloat));
+    part = at::empty({2 * sp.split.groups, a.B, a.H, a.N}, ctx.opts.dtype(at::kFloat));
     sp.row_part = part.mutable_data_ptr<float>();
   }
-  const int64_t blocks = a.B * a.H * sp.groups;
+  const int64_t blocks = a.B * a.H * sp.split.groups;
   if (blocks > 0) {
     TORCH_CHECK(blocks <= INT_MAX, "fopru: q/k too large for one launch (", blocks, " CTAs)");
     const auto kernel = _qk_prob_map_kernel<T>;
@@ -417,15 +269,9 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
     const int64_t fb = ceil_div(a.B * a.N, kFinishThreads);
     TORCH_CHECK(fb <= INT_MAX, "fopru: q/k too large for one launch (", fb, " CTAs)");
     _qk_row_finish_kernel<<<static_cast<unsigned>(fb), kFinishThreads, 0, ctx.stream>>>(
-        sp.row_part, 2 * sp.groups, a.B, a.H, a.N, row, sb);
+        sp.row_part, 2 * sp.split.groups, a.B, a.H, a.N, row, sb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-}
-
-// SPEC.md "Backend limits": one head's vector must fit the dot kernel's shared memory. Checked
-// before anything else of a call, so a too large d fails whatever B, N and keep are.
-void check_head_dim(int64_t d) {
-  TORCH_CHECK(d <= kMaxHeadDim, "fopru: significance_qk supports head dim d <= ", kMaxHeadDim, " on CUDA, got ", d);
 }
 
 // Column sums into sums[:, :N] and, for focal, row sums into sums[:, N:] of sums (B, N or 2N).
@@ -448,7 +294,7 @@ at::Tensor significance_qk_cuda(const at::Tensor& q, const at::Tensor& k, c10::s
   const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
                                          std::string_view(kind.data(), kind.size()),
                                          std::string_view(layout.data(), layout.size()));
-  check_head_dim(a.d);
+  check_head_dim("significance_qk", a.d);
   const c10::cuda::CUDAGuard guard(q.device());
   if (a.B == 0 || a.N == 0) return at::empty({a.B, a.N}, q.options().dtype(at::kLong));
   const bool focal = a.score == Score::kFocal;
@@ -468,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_qk_cuda(const at::Tensor& tokens
                                        std::string_view(score.data(), score.size()), num_prefix, grid, scale, lse,
                                        std::string_view(kind.data(), kind.size()),
                                        std::string_view(layout.data(), layout.size()));
-  check_head_dim(p.qk.d);
+  check_head_dim("significance_qk", p.qk.d);
   const c10::cuda::CUDAGuard guard(tokens.device());
   const QkArgs& a = p.qk;
   if (a.B == 0 || keep == 0) {
@@ -488,7 +334,7 @@ at::Tensor significance_qk_parts_cuda(const at::Tensor& q, const at::Tensor& k, 
   const QkArgs a = check_significance_qk(q, k, std::string_view(score.data(), score.size()), num_prefix, scale, lse,
                                          std::string_view(kind.data(), kind.size()),
                                          std::string_view(layout.data(), layout.size()));
-  check_head_dim(a.d);
+  check_head_dim("significance_qk", a.d);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor parts = at::empty({a.B, a.score == Score::kFocal ? 2 : 1, a.N}, q.options().dtype(at::kLong));
   if (a.B == 0 || a.N == 0) return parts;

@@ -2,8 +2,8 @@
 ``fx`` (the fixed point of one attention value, "Fixed-point values") and the focal choice in
 exact integers ("The focal choice"): ``focal_sums`` / ``focal_add`` accumulate a vector's sums in
 32-bit limbs, ``focal_use_col`` compares two vectors' variances, and ``focal_significance`` applies
-the choice per image. A segmented (cu_seqlens) variant accumulates each segment's ``focal_sums``
-with ``focal_add`` over its chunks and decides with ``focal_use_col`` the same way.
+the choice per image; ``focal_prefers_col`` decides for one image or one packed segment in global
+memory, chunk by chunk (the packed q/k kernels of ``significance_qk_varlen.py`` use it per segment).
 """
 from __future__ import annotations
 
@@ -146,22 +146,30 @@ def focal_use_col(col, row, n):
 
 
 @triton.jit
+def focal_prefers_col(col, row, n, s_n, BLOCK: tl.constexpr):
+    """SPEC.md's focal rule for the n entries at col and at row (int64, element stride s_n), chunk
+    by chunk (focal_sums, focal_add, focal_use_col): True for the column sums, False (ties too) for
+    the row sums. One image of the dense ops or one segment of the packed ones."""
+    zero = tl.zeros([], tl.int64)
+    cs = (zero, zero, zero, zero, zero, zero)
+    rs = (zero, zero, zero, zero, zero, zero)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = j < n
+        cs = focal_add(cs, focal_sums(tl.load(col + j * s_n, mask=m, other=0), m))
+        rs = focal_add(rs, focal_sums(tl.load(row + j * s_n, mask=m, other=0), m))
+    return focal_use_col(cs, rs, n)
+
+
+@triton.jit
 def _focal_sig_kernel(col_ptr, row_ptr, sig_ptr, N, s_b, s_n, BLOCK: tl.constexpr):
     """sig[b] = col[b] or row[b] by SPEC.md's focal rule; col / row element (b, j) at
     b * s_b + j * s_n, sig contiguous (B, N). Grid (B,)."""
     b = tl.program_id(0).to(tl.int64)
     col = col_ptr + b * s_b
     row = row_ptr + b * s_b
-    zero = tl.zeros([], tl.int64)
-    cs = (zero, zero, zero, zero, zero, zero)
-    rs = (zero, zero, zero, zero, zero, zero)
-    for j0 in range(0, N, BLOCK):
-        j = j0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = j < N
-        cs = focal_add(cs, focal_sums(tl.load(col + j * s_n, mask=m, other=0), m))
-        rs = focal_add(rs, focal_sums(tl.load(row + j * s_n, mask=m, other=0), m))
     src = row
-    if focal_use_col(cs, rs, N):
+    if focal_prefers_col(col, row, N, s_n, BLOCK):
         src = col
     for j0 in range(0, N, BLOCK):
         j = j0 + tl.arange(0, BLOCK).to(tl.int64)

@@ -34,12 +34,15 @@ META_COLS = tl.constexpr(4)
 
 @triton.jit
 def _prune_varlen_kernel(
-    tokens_ptr, sig_ptr, cu_ptr, meta_ptr, out_ptr, idx_ptr, cu_out_ptr,
-    T, D, s_tn, s_td, s_sn, s_cu, chunks,
+    tokens_ptr, sig_ptr, cu_ptr, meta_ptr, out_ptr, idx_ptr, cu_out_ptr, status_ptr,
+    T, D, s_tn, s_td, s_sn, s_cu, cu_div, chunks,
     UNIT_BLOCK: tl.constexpr, X_BLOCK: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-    BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr,
+    BLOCK_D: tl.constexpr, RADIX_BITS: tl.constexpr, SCORED: tl.constexpr,
 ):
     """Output rows [c * R, (c + 1) * R) of image b (R = ROWS_PER_PROGRAM); grid (B * chunks,).
+    Image b's bounds are cu_seqlens[b] / cu_div and cu_seqlens[b + 1] / cu_div. SCORED: sig comes
+    from the packed q/k scoring, whose check of its own segments left status[0] (0: invalid, and
+    then every image counts as invalid); without SCORED status_ptr is not read.
 
     Program (b, 0) also writes cu_seqlens_out[b + 1] (and (0, 0) the leading 0), so the output
     prefix sums need no copy of their own."""
@@ -55,10 +58,12 @@ def _prune_varlen_kernel(
         if b == 0:
             tl.store(cu_out_ptr, tl.zeros([], cu_out_ptr.dtype.element_ty))
 
-    start = tl.load(cu_ptr + b * s_cu).to(tl.int64)  # cu_seqlens may be a strided view
-    end = tl.load(cu_ptr + (b + 1) * s_cu).to(tl.int64)
+    start = tl.load(cu_ptr + b * s_cu).to(tl.int64) // cu_div  # cu_seqlens may be a strided view
+    end = tl.load(cu_ptr + (b + 1) * s_cu).to(tl.int64) // cu_div
     n = end - start
     ok = (start >= 0) & (start <= end) & (end <= T) & (keep <= n) & ((want_n < 0) | (n == want_n))
+    if SCORED:
+        ok = ok & (tl.load(status_ptr) != 0)
     # Zero units skip every loop: invalid images and programs past their image's keep.
     units = tl.where(ok & (c * ROWS_PER_PROGRAM < keep), n // w, 0)
     count = keep // w
@@ -103,7 +108,7 @@ def _meta(keep: list[int], cols: list[int], grids: list[int] | None) -> list[int
 
 def prune_tokens_varlen(
     tokens: torch.Tensor, sig: torch.Tensor, cu_seqlens: torch.Tensor, keep: list[int], strategy: str,
-    cols: list[int], grids: list[int] | None = None,
+    cols: list[int], grids: list[int] | None = None, *, cu_div: int = 1, status: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ragged batch, SPEC.md: tokens (T, D), sig (T,) int64, cu_seqlens (B + 1,) int32/int64 ->
     pruned (sum(keep), D) of tokens' dtype, idx (sum(keep),) int64 global token indices and
@@ -112,7 +117,10 @@ def prune_tokens_varlen(
     keep: B host ints; cols: B host ints, grid cols for ``row`` and 1 for ``rank`` (what
     _checks.check_prune_varlen returns); grids: the op's flat [rows_0, cols_0, ...] or None, which
     lets the kernel check rows_b * cols_b == n_b on the device. Inputs validated by _checks except
-    the values of cu_seqlens, which the kernel checks per image.
+    the values of cu_seqlens, which the kernel checks per image. For prune_tokens_qk_varlen
+    (significance_qk_varlen.py): cu_div, the divisor of cu_seqlens' values (group, when the selection
+    segments are cu_seqlens / group), and status, the scoring's device status (int64, status[0] == 0:
+    its segments were invalid, so every image is), or None.
     """
     b = len(keep)
     t, d = tokens.shape
@@ -132,9 +140,10 @@ def prune_tokens_varlen(
     with device_of(tokens):
         meta = device_table(_meta(keep, cols, grids), device)
         _prune_varlen_kernel[(b * chunks,)](
-            tokens, sig, cu_seqlens, meta, out, idx, cu_out,
-            t, d, tokens.stride(0), tokens.stride(1), sig.stride(0), cu_seqlens.stride(0), chunks,
+            tokens, sig, cu_seqlens, meta, out, idx, cu_out, meta if status is None else status,
+            t, d, tokens.stride(0), tokens.stride(1), sig.stride(0), cu_seqlens.stride(0), cu_div, chunks,
             UNIT_BLOCK=unit_block, X_BLOCK=min(pow2(max(cols)), max(1, sel.SELECT_TILE // unit_block)),
             ROWS_PER_PROGRAM=per_prog, BLOCK_D=sel.block_d(d, per_prog), RADIX_BITS=sel.RADIX_BITS,
+            SCORED=status is not None,
         )
     return out, idx, cu_out

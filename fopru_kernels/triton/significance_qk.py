@@ -5,7 +5,9 @@ read in place through their strides ((B, S, H, d) inputs are viewed as (B, H, S,
 Every value is formed in float32 (tensor-core dots accumulate in float32), becomes SPEC.md's int64
 fixed point once per head, and heads are summed in int64, so atomics over heads are exact and the
 result does not depend on the order in which programs land. Selection and gather are the exact
-kernels of ``select.py``.
+kernels of ``select.py``. The device code that forms the values (tiles of q . k, lse, p, the
+closed-form logit means) is ``qk_tiles.py``'s, shared with the packed kernels of
+``significance_qk_varlen.py``.
 
 Launches per call (lse: natural-log logsumexp over all S keys; "given" means passed by the caller):
 - ``cls``: ``_cls_kernel`` (one program per image and key block, heads summed in registers); for
@@ -24,7 +26,7 @@ Launches per call (lse: natural-log logsumexp over all S keys; "given" means pas
 - Then ``focal`` picks col or row with ``exact.py``'s exact integer rule, in
   ``focal_significance`` or inside the fused selection + gather kernel.
 
-Not measured on a GPU yet: the GPU block sizes below are first choices, not tuned values.
+Not measured on a GPU yet: the GPU block sizes (here and in qk_tiles.py) are first choices, not tuned values.
 """
 from __future__ import annotations
 
@@ -36,40 +38,24 @@ from . import select as sel
 from . import target
 from .exact import focal_significance, fx
 from .launch import device_of, pow2
+from .qk_tiles import (
+    LOG2E_HOST,
+    check_head_dim,
+    col_prob_sums,
+    dot_block_d,
+    dot_flags,
+    load_rows,
+    logit_fx,
+    lse_rows,
+    tile_config,
+    token_sum,
+)
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = 1.4426950408889634
-
-# _prob_means_kernel / _lse_kernel tiles on a GPU: BLOCK_M query rows x BLOCK_N keys.
-_GPU_BLOCK_M = 64
-_GPU_BLOCK_N = 64
-# Interpreter (CPU tensors): programs run one after another, so few, large tiles.
-_CPU_BLOCK = 128
 # Elements of a (tokens x d) tile in _cls_kernel / _logit_means_kernel.
 _VEC_TILE = 4096
-# SPEC.md "Backend limits": the largest head dim d these kernels take. Their tiles hold whole rows
-# of d (padded to a power of two), so d sets their shared memory and registers; 256 is the largest
-# d that scripts/triton_compile_check.py compiles and checks against an sm_80 / sm_90 block's
-# limits (the DOMAINS of scripts/triton_compile_grid.py derive from this value). ViT heads are 64
-# to 128.
-MAX_HEAD_DIM = 256
 
 
 # ----------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dot_logits(qt, kt, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """qt (M, D) . kt (N, D)^T -> (M, N) float32. IEEE keeps float32 inputs out of tf32 (whose
-    10-bit mantissa would dwarf the error bound SPEC.md's tests allow); UPCAST works around the
-    interpreter's bfloat16 tl.dot, which multiplies the raw uint16 bits."""
-    if UPCAST:
-        qt = qt.to(tl.float32)
-        kt = kt.to(tl.float32)
-    if IEEE:
-        return tl.dot(qt, tl.trans(kt), input_precision="ieee")
-    return tl.dot(qt, tl.trans(kt))
 
 
 @triton.jit
@@ -78,8 +64,8 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, S, H, d, row0, rows, qk_scale,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """lse[b, h, i] = logsumexp_j(scale * q_i . k_j) over all S keys, for rows i in
-    [row0, row0 + rows); online max and sum in base 2 (qk_scale = scale * log2 e), as in
-    FlashAttention's forward pass. lse is a contiguous (B, H, S) buffer. Grid (B * H * mblocks,)."""
+    [row0, row0 + rows) (qk_tiles.lse_rows). lse is a contiguous (B, H, S) buffer.
+    Grid (B * H * mblocks,)."""
     pid = tl.program_id(0)
     bh = pid // mblocks
     b = (bh // H).to(tl.int64)
@@ -88,22 +74,10 @@ def _lse_kernel(q_ptr, k_ptr, lse_ptr, S, H, d, row0, rows, qk_scale,
     imask = i < row0 + rows
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    qt = tl.load(q_ptr + b * s_qb + h * s_qh + i[:, None] * s_qs + dd[None, :] * s_qd,
-                 mask=imask[:, None] & dmask[None, :], other=0.0)
-    keys = k_ptr + b * s_kb + h * s_kh
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    # Every key block holds a valid key, so m is finite after the first one and no -inf - -inf
-    # reaches exp2.
-    for j0 in range(0, S, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        jmask = j < S
-        kt = tl.load(keys + j[:, None] * s_ks + dd[None, :] * s_kd, mask=jmask[:, None] & dmask[None, :], other=0.0)
-        l2 = tl.where(jmask[None, :], _dot_logits(qt, kt, UPCAST, IEEE) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(l2, axis=1))
-        total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(l2 - m_new[:, None]), axis=1)
-        m = m_new
-    tl.store(lse_ptr + (b * H + h) * S + i, (m + tl.log2(total)) * LN2, mask=imask)
+    qt = load_rows(q_ptr + b * s_qb + h * s_qh, i, imask, s_qs, dd, s_qd, dmask)
+    lse = lse_rows(qt, k_ptr + b * s_kb + h * s_kh, 0, S, s_ks, s_kd, dd, dmask, qk_scale,
+                   UPCAST, IEEE, BLOCK_M, BLOCK_N)
+    tl.store(lse_ptr + (b * H + h) * S + i, lse, mask=imask)
 
 
 @triton.jit
@@ -148,34 +122,26 @@ def _logit_means_kernel(q_ptr, k_ptr, col_ptr, row_ptr, N, H, P, d, mean_scale,
                         s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
                         ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Logit means in closed form for one (image, head): col[b, j] += fx(scale * qbar . k_j) and
-    (ROWS) row[b, i] += fx(scale * q_i . kbar), bars = means over the N patch tokens.
-    Grid (B * H,); int64 atomics over heads."""
+    (ROWS) row[b, i] += fx(scale * q_i . kbar), bars = means over the N patch tokens
+    (qk_tiles.token_sum, logit_fx). Grid (B * H,); int64 atomics over heads."""
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    queries = q_ptr + b * s_qb + h * s_qh + dd[None, :] * s_qd
-    keys = k_ptr + b * s_kb + h * s_kh + dd[None, :] * s_kd
-    qsum = tl.zeros([BLOCK_D], tl.float32)
-    ksum = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, N, BLOCK_S):
-        t = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        m = (t < N)[:, None] & dmask[None, :]
-        qsum += tl.sum(tl.load(queries + (P + t)[:, None] * s_qs, mask=m, other=0.0).to(tl.float32), axis=0)
-        if ROWS:
-            ksum += tl.sum(tl.load(keys + (P + t)[:, None] * s_ks, mask=m, other=0.0).to(tl.float32), axis=0)
-    qbar = qsum * mean_scale  # mean_scale = scale / N
-    kbar = ksum * mean_scale
+    queries = q_ptr + b * s_qb + h * s_qh
+    keys = k_ptr + b * s_kb + h * s_kh
+    qbar = token_sum(queries, P, N, s_qs, dd, s_qd, dmask, BLOCK_S) * mean_scale  # mean_scale = scale / N
+    if ROWS:
+        kbar = token_sum(keys, P, N, s_ks, dd, s_kd, dmask, BLOCK_S) * mean_scale
     for s0 in range(0, N, BLOCK_S):
         t = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
         tmask = t < N
-        m = tmask[:, None] & dmask[None, :]
-        kt = tl.load(keys + (P + t)[:, None] * s_ks, mask=m, other=0.0).to(tl.float32)
-        tl.atomic_add(col_ptr + b * N + t, fx(tl.sum(kt * qbar[None, :], axis=1)), mask=tmask, sem="relaxed")
+        tl.atomic_add(col_ptr + b * N + t, logit_fx(keys, P + t, tmask, s_ks, dd, s_kd, dmask, qbar),
+                      mask=tmask, sem="relaxed")
         if ROWS:
-            qt = tl.load(queries + (P + t)[:, None] * s_qs, mask=m, other=0.0).to(tl.float32)
-            tl.atomic_add(row_ptr + b * N + t, fx(tl.sum(qt * kbar[None, :], axis=1)), mask=tmask, sem="relaxed")
+            tl.atomic_add(row_ptr + b * N + t, logit_fx(queries, P + t, tmask, s_qs, dd, s_qd, dmask, kbar),
+                          mask=tmask, sem="relaxed")
 
 
 @triton.jit
@@ -185,7 +151,8 @@ def _prob_means_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, part_ptr, N, H, P, d, qk_
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Probability means over the patch block of one (image, head, key block):
     col[b, j] += fx((1/N) sum_i p[P+i, P+j]) and (ROWS) part[b, h, jb, i] = sum_{j in block}
-    p[P+i, P+j], with p = exp2(qk_scale * q_i . k_j - log2(e) * lse_i). Grid (B * H * jblocks,)."""
+    p[P+i, P+j], with p = exp2(qk_scale * q_i . k_j - log2(e) * lse_i) (qk_tiles.col_prob_sums).
+    Grid (B * H * jblocks,)."""
     pid = tl.program_id(0)
     bh = pid // jblocks
     jb = pid % jblocks
@@ -195,25 +162,11 @@ def _prob_means_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, part_ptr, N, H, P, d, qk_
     jmask = j < N
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
-    kt = tl.load(k_ptr + b * s_kb + h * s_kh + (P + j)[:, None] * s_ks + dd[None, :] * s_kd,
-                 mask=jmask[:, None] & dmask[None, :], other=0.0)
-    queries = q_ptr + b * s_qb + h * s_qh + dd[None, :] * s_qd
-    norms = lse_ptr + b * s_lb + h * s_lh
+    kt = load_rows(k_ptr + b * s_kb + h * s_kh, P + j, jmask, s_ks, dd, s_kd, dmask)
     part = part_ptr + (bh.to(tl.int64) * jblocks + jb) * N
-    # Column sums accumulate elementwise and are reduced once at the end: a reduction across
-    # the tile's rows crosses warps, too costly per query block.
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i0 in range(0, N, BLOCK_M):
-        i = i0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        imask = i < N
-        qt = tl.load(queries + (P + i)[:, None] * s_qs, mask=imask[:, None] & dmask[None, :], other=0.0)
-        norm2 = tl.load(norms + (P + i) * s_ls, mask=imask, other=0.0) * LOG2E
-        p = tl.exp2(_dot_logits(qt, kt, UPCAST, IEEE) * qk_scale - norm2[:, None])
-        p = tl.where(imask[:, None] & jmask[None, :], p, 0.0)
-        acc += p
-        if ROWS:
-            tl.store(part + i, tl.sum(p, axis=1), mask=imask)
-    tl.atomic_add(col_ptr + b * N + j, fx(tl.sum(acc, axis=0) / N), mask=jmask, sem="relaxed")
+    sums = col_prob_sums(kt, jmask, q_ptr + b * s_qb + h * s_qh, lse_ptr + b * s_lb + h * s_lh, P, N,
+                         s_qs, s_qd, s_ls, part, dd, dmask, qk_scale, ROWS, UPCAST, IEEE, BLOCK_M, BLOCK_N)
+    tl.atomic_add(col_ptr + b * N + j, fx(sums / N), mask=jmask, sem="relaxed")
 
 
 @triton.jit
@@ -237,29 +190,9 @@ def _row_means_kernel(part_ptr, row_ptr, N, H, jblocks, iblocks, BLOCK: tl.const
 # ----------------------------------------------------------------------------------- launchers
 
 
-def check_head_dim(d: int) -> None:
-    """SPEC.md "Backend limits": RuntimeError naming d above MAX_HEAD_DIM, the same text as CUDA's
-    (which takes up to 8192), whatever B, N and keep are."""
-    if d > MAX_HEAD_DIM:
-        raise RuntimeError(f"fopru: significance_qk supports head dim d <= {MAX_HEAD_DIM} on Triton, got {d}")
-
-
 def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     """(B, H, S, d) view: FlashAttention's (B, S, H, d) is read through its strides, not copied."""
     return t if layout == "bhsd" else t.transpose(1, 2)
-
-
-def _tile_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M query rows, BLOCK_N keys, warps) of the tl.dot kernels."""
-    if not target.for_gpu(device):
-        return _CPU_BLOCK, _CPU_BLOCK, 4
-    return _GPU_BLOCK_M, _GPU_BLOCK_N, 4
-
-
-def _dot_flags(q: torch.Tensor) -> tuple[bool, bool]:
-    """(UPCAST, IEEE) of _dot_logits for q's dtype and device."""
-    upcast = q.dtype == torch.bfloat16 and not target.for_gpu(q.device)
-    return upcast, upcast or q.dtype == torch.float32
 
 
 def _vec_block(n: int, block_d: int, device: torch.device) -> int:
@@ -282,14 +215,14 @@ def _lse(q: torch.Tensor, k: torch.Tensor, scale: float, row0: int, rows: int) -
     """(B, H, S) float32 with lse of rows [row0, row0 + rows) filled (q, k: (B, H, S, d) views)."""
     b, h, s, d = q.shape
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    block_m, block_n, warps = _tile_config(q.device)
+    block_m, block_n, warps = tile_config(q.device)
     block_m = max(16, min(block_m, pow2(rows)))  # tl.dot needs 16 rows; a CLS row is one
     block_n = max(16, min(block_n, pow2(s)))
     mblocks = triton.cdiv(rows, block_m)
-    upcast, ieee = _dot_flags(q)
+    upcast, ieee = dot_flags(q)
     _lse_kernel[(b * h * mblocks,)](
-        q, k, lse, s, h, d, row0, rows, scale * _LOG2E, *q.stride(), *k.stride(), mblocks,
-        UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, pow2(d)),
+        q, k, lse, s, h, d, row0, rows, scale * LOG2E_HOST, *q.stride(), *k.stride(), mblocks,
+        UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dot_block_d(d),
         num_warps=warps,
     )
     return lse
@@ -328,18 +261,18 @@ def _patch_means(q, k, num_prefix, scale, lse, kind, rows: bool) -> torch.Tensor
         return sums
     if lse is None:
         lse = _lse(q, k, scale, num_prefix, n)
-    block_m, block_n, warps = _tile_config(q.device)
+    block_m, block_n, warps = tile_config(q.device)
     block_m = max(16, min(block_m, pow2(n)))
     block_n = max(16, min(block_n, pow2(n)))
     jblocks = triton.cdiv(n, block_n)
     # Partial row sums, one per key block; unused (a 1-element stand-in) without rows.
     part = torch.empty(b * h * jblocks * n if rows else 1, dtype=torch.float32, device=q.device)
-    upcast, ieee = _dot_flags(q)
+    upcast, ieee = dot_flags(q)
     _prob_means_kernel[(b * h * jblocks,)](
-        q, k, lse, sums[0], part, n, h, num_prefix, d, scale * _LOG2E,
+        q, k, lse, sums[0], part, n, h, num_prefix, d, scale * LOG2E_HOST,
         *q.stride(), *k.stride(), *lse.stride(), jblocks,
         ROWS=rows, UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, pow2(d)), num_warps=warps,
+        BLOCK_D=dot_block_d(d), num_warps=warps,
     )
     if rows:
         block = min(pow2(n), 1024)

@@ -10,7 +10,7 @@ tensors too.
 Triton driver that compiles every launch for a GPU target instead of running it, and need the
 launchers to specialise their kernels exactly as on that GPU. It is not for running kernels: under
 the interpreter the GPU configuration is slow, and bfloat16 ``tl.dot`` (which the interpreter gets
-wrong; see ``significance_qk._dot_flags``) would give wrong values.
+wrong; see ``qk_tiles.dot_flags``) would give wrong values.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Which kernel serves each op: the backend names, the process-wide setting FOPRU_BACKEND, and the
 one rule that resolves them per op and device.
 
-This module only decides; `ops.py` registers what it decides with the dispatcher at import, so
+This module only decides; `registration.py` registers what it decides with the dispatcher at import, so
 `backend="auto"` and a direct `torch.ops.fopru.<op>` call run the same kernel, and
 `ops.default_backend(device, op)` reports it. README "Backends" has the table and the evidence.
 

@@ -6,7 +6,7 @@ the margin at the selection boundary exceeds it. Here the `S x S` logits are mat
 at a time: clarity first, memory bounded by one image's `H x S x S` float64 map.
 
 The packed (varlen) ops at the end are the oracle of SPEC.md "Packed batches from q and k" and, until
-their GPU kernels land, also their implementation on CUDA tensors (ops.py registers them there; CPU
+their GPU kernels land, also their implementation on CUDA tensors (registration.py registers them there; CPU
 tensors have the C++ kernel): so their `logit` means use the closed forms (O(T * H * d)) and their
 `prob` means walk each segment in row blocks, never holding more than one block of one head's
 probabilities.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, from the repository root of a GPU host:
 #   (a) environment  (b) build the extension in place  (c) tests/: the CUDA C++ kernels (forced with
-#   backend="cuda", marker cuda_cxx), then every other GPU test (Triton, the default, reference)
+#   backend="cuda", marker cuda_cxx), then every other GPU test (marker cuda: Triton, the default, reference)
 #   (d) benchmark reports: benchmarks.report (the map-path ops) and benchmarks.serving (the q/k path,
 #   ragged batches and LLaVA end to end)
 #   (e) compute-sanitizer memcheck + racecheck on scripts/sanitizer/case_*.py  (f) summary.
@@ -111,13 +111,15 @@ $PY -c 'import fopru_kernels as F; print(\"library:\", F.HAS_LIBRARY, \"cuda ker
 
 # (c) the GPU tests (the CPU suite runs in CI; here only what needs the GPU, to fit the lease), in two
 # steps: the CUDA C++ kernels alone first (their result is the summary's cuda-cxx line), then the rest.
+# The test files hold each op's CPU and GPU tests side by side: the markers pick the GPU ones (`cuda`;
+# `cuda_cxx` for the CUDA C++ kernels, every one of which is also marked `cuda`).
 PYTEST_OPTS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PYTEST_OPTS="--timeout=120"
 # Several workers on the one GPU: the grid's cases are independent and mostly compile or wait.
 $PY -c "import xdist" 2>/dev/null && PYTEST_OPTS="$PYTEST_OPTS -n 8"
-GPU_TESTS="tests/test_cuda.py tests/test_triton.py tests/test_ops.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_qk_varlen.py tests/test_errors.py tests/test_backends.py"
+GPU_TESTS="tests/test_prune_tokens.py tests/test_select.py tests/test_qk.py tests/test_varlen.py tests/test_focal.py tests/test_qk_varlen.py tests/test_errors.py tests/test_backends.py"
 step cxx 60 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit_cuda_cxx.xml'"
-step tests 110 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'not cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
+step tests 110 "$PY -m pytest $GPU_TESTS -v -p no:cacheprovider -m 'cuda and not cuda_cxx and not slow' --maxfail=10 -rfE $PYTEST_OPTS --junitxml='$OUTDIR/junit.xml'"
 
 # (d) benchmark reports: report.md, report.json, latency.png; serving.md, serving.json. Their rows name
 # the backend; FOPRU_BACKEND=cuda keeps the CUDA C++ kernels in the dispatcher's CUDA slot so that the

@@ -1,6 +1,11 @@
-"""Input builders shared by every backend's tests, so each backend is checked on the same grid."""
+"""The one builder of test inputs, shared by every backend's tests so each backend is checked on the
+same cases: Case / make_inputs (the map path: significance, select, prune_tokens), QKCase / make_qk
+(the dense q/k path), Batch / make_batch (ragged batches: prune_tokens_varlen), the layouts they all
+use (lay_out), the map-path grid (grid_cases) and one small call of every op (op_calls).
+"""
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -10,8 +15,29 @@ ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class _Changeable:
+    """with_(**changes): a copy of the case with some options changed."""
+
+    def with_(self, **kw):
+        return replace(self, **kw)
+
+
+class _OneGrid(_Changeable):
+    """A case of images of N tokens each on an optional (rows, cols) grid, None meaning square."""
+
+    @property
+    def cols(self) -> int:
+        if self.grid is not None:
+            return self.grid[1]
+        r = math.isqrt(self.N)
+        return r if r * r == self.N else self.N
+
+
+# ----------------------------------------------------------------------------- the map path
+
+
 @dataclass(frozen=True)
-class Case:
+class Case(_OneGrid):
     """One prune_tokens call: shapes, options and how the inputs are laid out and filled."""
 
     B: int = 2
@@ -29,13 +55,6 @@ class Case:
     values: str = "softmax"  # softmax | logits | quantised | special (NaN/inf/huge) | saturated | symmetric
     seed: int = 0
 
-    @property
-    def cols(self) -> int:
-        if self.grid is not None:
-            return self.grid[1]
-        r = math.isqrt(self.N)
-        return r if r * r == self.N else self.N
-
     def id(self) -> str:
         dt = str(self.attn_dtype).replace("torch.", "")
         tt = str(self.tok_dtype).replace("torch.", "")
@@ -43,9 +62,6 @@ class Case:
             f"B{self.B}-N{self.N}-H{self.H}-D{self.D}-k{self.keep}-{self.strategy}-{self.score}-P{self.P}"
             f"-g{self.grid}-{dt}-{tt}-{self.layout}-{self.values}-s{self.seed}"
         ).replace(" ", "")
-
-    def with_(self, **kw) -> "Case":
-        return replace(self, **kw)
 
 
 def _attn_values(c: Case, q: int, s: int, gen: torch.Generator) -> torch.Tensor:
@@ -80,6 +96,8 @@ def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """Same values, different strides: the kernels must not assume contiguity."""
     if layout == "contiguous":
         return t.contiguous()
+    if layout == "transposed":  # the last two dims column-major: a (T, D) matrix of stride (1, T)
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "strided":  # every second element of a wider buffer, innermost dim included
         big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         big[..., ::2] = t
@@ -144,6 +162,110 @@ def grid_cases(sizes=(1, 2, 16, 575, 576, 577, 2880), small: bool = False) -> li
                         )
                     )
     return list({c.id(): c for c in cases}.values())
+
+
+# ----------------------------------------------------------------------------- the dense q/k path
+
+
+@dataclass(frozen=True)
+class QKCase(_OneGrid):
+    """One prune_tokens_qk call: shapes, options, and how q / k / lse are laid out and filled."""
+
+    B: int = 2
+    N: int = 16
+    H: int = 2
+    d: int = 16
+    P: int = 1
+    keep: int = 4
+    strategy: str = "rank"
+    score: str = "focal"
+    kind: str = "prob"
+    layout: str = "bhsd"
+    dtype: torch.dtype = torch.float16
+    grid: tuple[int, int] | None = None
+    strided: bool = False  # q, k (and a given lse) read from every second element of a wider buffer
+    given_lse: bool = False  # prob: pass the float32 lse, as SDPA returns it, instead of None
+    scale: float | None = None
+    magnitude: float = 1.0  # std of q and k; 12 drives logits past fx's +-256 clamp
+    seed: int = 0
+
+    def id(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return (
+            f"B{self.B}-N{self.N}-H{self.H}-d{self.d}-P{self.P}-k{self.keep}-{self.strategy}-{self.score}"
+            f"-{self.kind}-{self.layout}-{dt}-g{self.grid}{'-strided' if self.strided else ''}"
+            f"{'-lse' if self.given_lse else ''}-sc{self.scale}-m{self.magnitude}-s{self.seed}"
+        ).replace(" ", "")
+
+
+def make_qk(c: QKCase, device: str | torch.device = "cpu"):
+    """tokens (B, N, D=8) float16, q, k (B, H, S, d) or (B, S, H, d) per c.layout, S = P + N, and lse
+    (B, H, S) float32 (c.given_lse: the exact logsumexp of the scaled logits) or None."""
+    gen = torch.Generator().manual_seed(c.seed)
+    s = c.P + c.N
+    q, k = (torch.randn(c.B, c.H, s, c.d, generator=gen, dtype=torch.float64) * c.magnitude for _ in range(2))
+    q, k = q.to(c.dtype), k.to(c.dtype)
+    tokens = torch.randn(c.B, c.N, 8, generator=gen).to(torch.float16)
+    lse = None
+    if c.given_lse:
+        scale = c.scale if c.scale is not None else c.d**-0.5
+        lse = torch.logsumexp(scale * (q.double() @ k.double().transpose(-1, -2)), dim=-1).float()
+        if c.strided:
+            lse = lay_out(lse.to(device), "strided")
+    if c.layout == "bshd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    layout = "strided" if c.strided else "contiguous"
+    q, k = lay_out(q.to(device), layout), lay_out(k.to(device), layout)
+    return tokens.to(device), q, k, None if lse is None else lse.to(device)
+
+
+# ----------------------------------------------------------------------------- ragged batches
+
+
+@dataclass(frozen=True)
+class Batch(_Changeable):
+    """One packed batch: image sizes n_b, keep per image, grids (flat, or None) and layouts."""
+
+    sizes: tuple[int, ...]
+    keep: tuple[int, ...]
+    strategy: str = "rank"
+    grids: tuple[int, ...] | None = None
+    D: int = 8
+    tok_dtype: torch.dtype = torch.float16
+    cu_dtype: torch.dtype = torch.int32
+    layout: str = "contiguous"  # contiguous | strided | padded | transposed (tokens); sig strided unless contiguous
+    values: str = "wide"  # wide | quantised (heavy ties)
+    seed: int = 0
+
+    def id(self) -> str:
+        dt = str(self.tok_dtype).replace("torch.", "")
+        ct = str(self.cu_dtype).replace("torch.", "")
+        sizes = "x".join(map(str, self.sizes)) if len(self.sizes) < 8 else f"{len(self.sizes)}imgs"
+        return f"{self.strategy}-n{sizes}-k{sum(self.keep)}-{dt}-{ct}-{self.layout}-{self.values}-s{self.seed}"
+
+
+def row_batch(grids: list[tuple[int, int]], keep_rows: list[int], **kw) -> Batch:
+    """A 'row' batch: one image per (rows, cols) grid, keeping keep_rows[b] whole rows of image b."""
+    return Batch(sizes=tuple(r * c for r, c in grids), keep=tuple(k * c for k, (_, c) in zip(keep_rows, grids)),
+                 strategy="row", grids=tuple(v for g in grids for v in g), **kw)
+
+
+def make_batch(c: Batch, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens (T, D), sig (T,) int64 and cu_seqlens (B + 1,) for batch c, laid out on device."""
+    gen = torch.Generator().manual_seed(c.seed)
+    t = sum(c.sizes)
+    tokens = torch.randn(t, c.D, generator=gen).to(c.tok_dtype)
+    if c.values == "quantised":
+        sig = torch.randint(0, 3, (t,), generator=gen)
+    else:  # wide range, kept small enough for row sums of up to 2^10 values to stay in int64
+        bound = 2**62 if c.strategy == "rank" else 2**52
+        sig = torch.randint(-bound, bound, (t,), generator=gen, dtype=torch.int64)
+    cu = torch.tensor([0, *itertools.accumulate(c.sizes)], dtype=c.cu_dtype)
+    sig_layout = "contiguous" if c.layout == "contiguous" else "strided"
+    return lay_out(tokens.to(device), c.layout), lay_out(sig.to(device), sig_layout), cu.to(device)
+
+
+# ----------------------------------------------------------------------------- every op
 
 
 def op_calls(device: str | torch.device = "cpu") -> dict[str, tuple]:

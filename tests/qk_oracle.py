@@ -1,59 +1,17 @@
 """The float64 oracle's values and the stated float32 error bound of the q/k kernels, shared by the
 dense tests (tests/test_qk.py, whose docstring derives the bound) and the packed ones
 (tests/test_qk_varlen.py, which bound each attention segment as a dense image with no prefix token).
+Their cases are tests/cases.py's QKCase (imported here too, where test_qk_varlen.py takes it from).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-
 import torch
+from cases import QKCase
 
 from fopru_kernels import reference, reference_qk
 
 ROUNDING = 32 * 2.0**-24  # C u of tests/test_qk.py's docstring
 FX_SCALE = 2.0**28
-
-
-@dataclass(frozen=True)
-class QKCase:
-    """One prune_tokens_qk call: shapes, options, and how q / k / lse are laid out and filled."""
-
-    B: int = 2
-    N: int = 16
-    H: int = 2
-    d: int = 16
-    P: int = 1
-    keep: int = 4
-    strategy: str = "rank"
-    score: str = "focal"
-    kind: str = "prob"
-    layout: str = "bhsd"
-    dtype: torch.dtype = torch.float16
-    grid: tuple[int, int] | None = None
-    strided: bool = False  # q, k (and a given lse) read from every second element of a wider buffer
-    given_lse: bool = False  # prob: pass the float32 lse, as SDPA returns it, instead of None
-    scale: float | None = None
-    magnitude: float = 1.0  # std of q and k; 12 drives logits past fx's +-256 clamp
-    seed: int = 0
-
-    @property
-    def cols(self) -> int:
-        if self.grid is not None:
-            return self.grid[1]
-        r = math.isqrt(self.N)
-        return r if r * r == self.N else self.N
-
-    def id(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
-        return (
-            f"B{self.B}-N{self.N}-H{self.H}-d{self.d}-P{self.P}-k{self.keep}-{self.strategy}-{self.score}"
-            f"-{self.kind}-{self.layout}-{dt}-g{self.grid}{'-strided' if self.strided else ''}"
-            f"{'-lse' if self.given_lse else ''}-sc{self.scale}-m{self.magnitude}-s{self.seed}"
-        ).replace(" ", "")
-
-    def with_(self, **kw) -> QKCase:
-        return replace(self, **kw)
 
 
 def fx_heads(v: torch.Tensor) -> torch.Tensor:

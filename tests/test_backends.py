@@ -184,7 +184,7 @@ def test_ops_without_a_cuda_cxx_kernel_run_triton_on_cuda(op):
     another kernel."""
     pytest.importorskip("triton")
     assert F.default_backend("cuda", op) == "triton"
-    assert "fopru_kernels/ops.py" in _slot(op, "CUDA")
+    assert "fopru_kernels/registration.py" in _slot(op, "CUDA")
     assert "CUDA (inactive)" not in torch._C._dispatch_dump(f"fopru::{op}")  # no C++ kernel under it
     assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
     with pytest.raises(ValueError, match=f"backend='cuda' has no CUDA C\\+\\+ kernel for {op} yet"):
@@ -194,11 +194,11 @@ def test_ops_without_a_cuda_cxx_kernel_run_triton_on_cuda(op):
 @pytest.mark.parametrize("op", sorted(ops.WITHOUT_GPU_KERNELS))
 def test_ops_without_gpu_kernels_run_the_reference_on_cuda(op):
     """Until their GPU kernels (CUDA C++ and Triton) land, the CUDA slot of these ops holds the reference
-    (ops.py), the CPU slot the C++ kernel (the reference without the library), and forcing a GPU backend
-    is refused rather than silently served by the oracle. (Empty while every op has a GPU kernel.)"""
+    (registration.py), the CPU slot the C++ kernel (the reference without the library), and forcing a GPU
+    backend is refused rather than silently served by the oracle. (Empty while every op has a GPU kernel.)"""
     cpu = "cpu" if F.HAS_LIBRARY else "reference"
     assert F.default_backend("cpu", op) == cpu and F.default_backend("cuda", op) == "reference"
-    assert "fopru_kernels/ops.py" in _slot(op, "CUDA")
+    assert "fopru_kernels/registration.py" in _slot(op, "CUDA")
     assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
     kernel = torch.library.get_kernel(f"fopru::{op}", "CUDA")  # the CUDA slot's kernel, run on CPU tensors
     args = op_calls()[op]

@@ -85,6 +85,50 @@ def test_significance_and_select_errors(backend):
         F.select(torch.zeros(1, 4, dtype=torch.int64), 3, strategy="row", backend=backend)
 
 
+# The map path on CUDA tensors: the CUDA C++ kernels check in C++ (csrc/checks.cpp), Triton's entry
+# points in Python (fopru_kernels/_checks.py); the same texts. name -> (call(device, backend), message).
+def _gt(device, b=2, n=16, d=3):
+    return torch.randn(b, n, d, device=device)
+
+
+def _ga(device, b=2, h=2, q=17, s=17, dtype=torch.float32):
+    return torch.rand(b, h, q, s, device=device).to(dtype)
+
+
+MAP_ERRORS_GPU = {
+    "keep": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev), 17, backend=be),
+             r"keep must be in \[0, N\] = \[0, 16\], got 17"),
+    "row-multiple": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev), 6, strategy="row", backend=be),
+                     r"keep must be a multiple of cols = 4 for strategy='row', got 6: nearest valid values are 4 and 8"),
+    "cls-prefix": (lambda dev, be: F.prune_tokens(_gt(dev, n=17), _ga(dev, q=1), 2, score="cls", num_prefix=0, backend=be),
+                   r"score='cls' needs num_prefix >= 1"),
+    "not-square": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev, q=1), 2, score="received", backend=be),
+                   r"score='received' needs a square map"),
+    "device": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev).cpu(), 2, backend=be),
+               r"attn must be on the same device as tokens \(cuda:0\), got cpu"),
+    "batch": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev, b=3), 2, backend=be),
+              r"attn.shape\[0\] \(B\) must equal tokens.shape\[0\] = 2, got 3"),
+    "grid": (lambda dev, be: F.prune_tokens(_gt(dev), _ga(dev), 2, grid=[3, 3], backend=be), r"grid must be \(rows, cols\)"),
+    "attn-dtype": (lambda dev, be: F.significance(_ga(dev).int(), backend=be),
+                   r"attn must be float16, bfloat16, float32 or float64, got int32"),
+    "score": (lambda dev, be: F.significance(_ga(dev), score="mean", backend=be),
+              r"score must be 'focal', 'received' or 'cls', got 'mean'"),
+    "sig-dtype": (lambda dev, be: F.select(torch.zeros(2, 16, dtype=torch.int32, device=dev), 2, backend=be),
+                  r"sig must be a 2-D \(B, N\) int64 tensor"),
+    "strategy": (lambda dev, be: F.select(torch.zeros(2, 16, dtype=torch.int64, device=dev), 2, strategy="top", backend=be),
+                 r"strategy must be 'rank' or 'row', got 'top'"),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("name", MAP_ERRORS_GPU)
+def test_map_errors_cuda(name, cuda_device, backend):
+    run, pattern = MAP_ERRORS_GPU[name]
+    with pytest.raises(ValueError, match=pattern):
+        run(cuda_device, backend)
+
+
 def test_backend_name_is_checked():
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'gpu'"):
         F.prune_tokens(_t(), _a(), 2, backend="gpu")

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fopru_kernels as F
-from cases import Case, make_inputs
+from cases import Case, QKCase, make_inputs, make_qk
 from conftest import cpu_backends
 from fopru_kernels import reference
 
@@ -260,12 +260,9 @@ def test_from_parts_is_a_new_tensor(backend):
 
 
 def qk(b=2, h=4, s=17, d=8, layout="bhsd", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(b, h, s, d, generator=gen) for _ in range(2))
-    scale = d**-0.5
-    lse = torch.logsumexp(scale * (q.double() @ k.double().transpose(-1, -2)), dim=-1).float()
-    if layout == "bshd":
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    """float32 q, k of S = s tokens (one prefix) in `layout` and their exact lse (B, H, S)."""
+    _, q, k, lse = make_qk(QKCase(B=b, N=s - 1, H=h, d=d, P=1, dtype=torch.float32, layout=layout, given_lse=True,
+                                  seed=seed))
     return q, k, lse
 
 

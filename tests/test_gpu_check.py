@@ -48,6 +48,18 @@ def test_dry_run_lists_every_step_and_each_path_resolves(tmp_path):
     assert SANITIZER_CASES and all(str(c.relative_to(ROOT)) in paths for c in SANITIZER_CASES)
 
 
+def test_every_listed_test_file_has_gpu_tests():
+    # The GPU steps pick tests by marker from the files GPU_TESTS lists: each must hold some tests
+    # marked `cuda`, and every GPU test file must be listed.
+    pytest.importorskip("triton")  # test_qk.py skips itself without it
+    files = re.search(r'^GPU_TESTS="([^"]*)"', SCRIPT.read_text(), re.M).group(1).split()
+    run = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    marked = {line.split("::")[0] for line in run.stdout.splitlines() if "::" in line}
+    assert marked == set(files), f"files with tests marked cuda: {sorted(marked)}; GPU_TESTS: {files}"
+
+
 def test_sanitizer_cases_run_from_anywhere(tmp_path):
     # A fresh interpreter outside the repository, as compute-sanitizer starts them: each case finds
     # the package and the test helpers it imports from its own location. Without a GPU (or without
@@ -72,8 +84,9 @@ def test_sanitizer_cases_run_from_anywhere(tmp_path):
 
 
 def test_sanitizer_case_grids_build():
-    # The cases are built from the tests' case types (tests/cases.py, tests/test_qk.py): a change
-    # there that breaks them shows here, not on the GPU host.
+    # The cases are built from the tests' case types (tests/cases.py) and checked by their check
+    # functions (tests/test_prune_tokens.py, tests/test_qk.py): a change there that breaks them shows
+    # here, not on the GPU host.
     for path in SANITIZER_CASES:
         spec = importlib.util.spec_from_file_location(f"sanitizer_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)

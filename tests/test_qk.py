@@ -35,42 +35,18 @@ import or collection time.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 import fopru_kernels as F  # noqa: E402
-from cases import lay_out  # noqa: E402
-from conftest import gpu_backends  # noqa: E402
-from qk_oracle import QKCase, oracle  # noqa: E402
+from cases import QKCase, make_qk  # noqa: E402
+from conftest import gpu_backends, kernel_backends  # noqa: E402
+from qk_oracle import oracle  # noqa: E402
 from fopru_kernels import reference, reference_qk  # noqa: E402
 from fopru_kernels.triton import select as tsel  # noqa: E402
 from fopru_kernels.triton import significance_qk as tq  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def make_qk(c: QKCase, device="cpu"):
-    """tokens (B, N, D=8), q, k in c.layout, and lse (B, H, S) float32 or None."""
-    gen = torch.Generator().manual_seed(c.seed)
-    s = c.P + c.N
-    q, k = (torch.randn(c.B, c.H, s, c.d, generator=gen, dtype=torch.float64) * c.magnitude for _ in range(2))
-    q, k = q.to(c.dtype), k.to(c.dtype)
-    tokens = torch.randn(c.B, c.N, 8, generator=gen).to(torch.float16)
-    lse = None
-    if c.given_lse:
-        scale = c.scale if c.scale is not None else c.d**-0.5
-        lse = torch.logsumexp(scale * (q.double() @ k.double().transpose(-1, -2)), dim=-1).float()
-        if c.strided:
-            lse = lay_out(lse.to(device), "strided")
-    if c.layout == "bshd":
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-    layout = "strided" if c.strided else "contiguous"
-    q, k = lay_out(q.to(device), layout), lay_out(k.to(device), layout)
-    return tokens.to(device), q, k, None if lse is None else lse.to(device)
 
 
 # ----------------------------------------------------------------------------- the margin (the bound: qk_oracle.py)
@@ -166,27 +142,8 @@ def qk_cases() -> list[QKCase]:
 CASES = qk_cases()
 
 
-@pytest.fixture
-def interpreter():
-    if not INTERPRETED:
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported (the Makefile sets it)")
-
-
 # Backends of the CPU-tensor tests: the C++ kernel, and Triton under the interpreter.
-CPU_BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")),
-]
-
-
-@pytest.fixture
-def gpu(cuda_device):
-    if INTERPRETED:
-        pytest.skip("TRITON_INTERPRET=1 is set: the GPU tests need compiled kernels")
-    return cuda_device
-
-
+CPU_BACKENDS = kernel_backends()
 GPU_BACKENDS = gpu_backends()
 
 

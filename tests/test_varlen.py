@@ -11,66 +11,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
-import os
-from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from cases import lay_out
-from conftest import cpu_backends, cuda_global_keys, gpu_backends
+from cases import Batch, make_batch, row_batch
+from conftest import INTERPRETED, cpu_backends, cuda_global_keys, gpu_backends
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fopru_kernels as F
 from fopru_kernels import reference
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One packed batch: image sizes n_b, keep per image, grids (flat, or None) and layouts."""
-
-    sizes: tuple[int, ...]
-    keep: tuple[int, ...]
-    strategy: str = "rank"
-    grids: tuple[int, ...] | None = None
-    D: int = 8
-    tok_dtype: torch.dtype = torch.float16
-    cu_dtype: torch.dtype = torch.int32
-    layout: str = "contiguous"  # contiguous | strided | padded | transposed (tokens); sig strided unless contiguous
-    values: str = "wide"  # wide | quantised (heavy ties)
-    seed: int = 0
-
-    def id(self) -> str:
-        dt = str(self.tok_dtype).replace("torch.", "")
-        ct = str(self.cu_dtype).replace("torch.", "")
-        sizes = "x".join(map(str, self.sizes)) if len(self.sizes) < 8 else f"{len(self.sizes)}imgs"
-        return f"{self.strategy}-n{sizes}-k{sum(self.keep)}-{dt}-{ct}-{self.layout}-{self.values}-s{self.seed}"
-
-    def with_(self, **kw) -> Batch:
-        return replace(self, **kw)
-
-
-def _lay_out_tokens(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "transposed":  # column-major (T, D): stride (1, T)
-        return t.t().contiguous().t()
-    return lay_out(t, layout)
-
-
-def make_batch(c: Batch, device="cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokens (T, D), sig (T,) int64 and cu_seqlens (B + 1,) for batch c, laid out on device."""
-    gen = torch.Generator().manual_seed(c.seed)
-    t = sum(c.sizes)
-    tokens = torch.randn(t, c.D, generator=gen).to(c.tok_dtype)
-    if c.values == "quantised":
-        sig = torch.randint(0, 3, (t,), generator=gen)
-    else:  # wide range, kept small enough for row sums of up to 2^10 values to stay in int64
-        bound = 2**62 if c.strategy == "rank" else 2**52
-        sig = torch.randint(-bound, bound, (t,), generator=gen, dtype=torch.int64)
-    cu = torch.tensor([0, *itertools.accumulate(c.sizes)], dtype=c.cu_dtype)
-    sig_layout = "contiguous" if c.layout == "contiguous" else "strided"
-    return _lay_out_tokens(tokens.to(device), c.layout), lay_out(sig.to(device), sig_layout), cu.to(device)
 
 
 def dense_loop(tokens, sig, cu_seqlens, keep, strategy, grids):
@@ -106,7 +56,7 @@ def check_batch(c: Batch, backend: str, device="cpu") -> None:
 def test_grids_as_pairs(backend):
     """grids as the (rows, cols) pairs people write give what the flat list gives, for the op and for
     positions_varlen; their (row, col) are each kept token's local index split by its image's cols."""
-    c = _row_batch([(2, 3), (4, 5)], [1, 2])
+    c = row_batch([(2, 3), (4, 5)], [1, 2])
     tokens, sig, cu = make_batch(c)
     pairs = [(2, 3), (4, 5)]
     flat = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy="row", grids=list(c.grids), backend=backend)
@@ -131,11 +81,6 @@ def test_malformed_grids_are_refused(grids):
         F.positions_varlen(torch.arange(13), cu, [3, 10], grids=grids)
 
 
-def _row_batch(grids: list[tuple[int, int]], keep_rows: list[int], **kw) -> Batch:
-    return Batch(sizes=tuple(r * c for r, c in grids), keep=tuple(k * c for k, (_, c) in zip(keep_rows, grids)),
-                 strategy="row", grids=tuple(v for g in grids for v in g), **kw)
-
-
 # Mixed sizes (0, 1, 2, odd, LLaVA's 576) with keep 0 / 1 / n_b, every dtype, both cu_seqlens
 # dtypes, strided inputs and heavy ties; per-image non-square grids for row.
 MIXED = (0, 1, 2, 7, 576, 35, 16, 1)
@@ -148,17 +93,17 @@ BATCHES = [
     Batch(sizes=(3, 0, 4), keep=(0, 0, 0), seed=4),  # nothing kept: T' = 0
     Batch(sizes=(0, 0), keep=(0, 0), seed=5),  # T = 0
     Batch(sizes=(), keep=(), seed=6),  # B = 0
-    _row_batch([(1, 1), (1, 2), (2, 1), (5, 7), (7, 5), (24, 24), (3, 4)], [1, 0, 2, 3, 7, 6, 1]),
-    _row_batch([(1, 1), (1, 2), (2, 1), (5, 7), (7, 5), (24, 24), (3, 4)], [0, 1, 1, 5, 1, 24, 3],
+    row_batch([(1, 1), (1, 2), (2, 1), (5, 7), (7, 5), (24, 24), (3, 4)], [1, 0, 2, 3, 7, 6, 1]),
+    row_batch([(1, 1), (1, 2), (2, 1), (5, 7), (7, 5), (24, 24), (3, 4)], [0, 1, 1, 5, 1, 24, 3],
                tok_dtype=torch.bfloat16, cu_dtype=torch.int64, layout="strided", values="quantised", seed=7),
-    _row_batch([(23, 25), (4, 9), (9, 4)], [5, 4, 0], tok_dtype=torch.float32, layout="padded", seed=8),
+    row_batch([(23, 25), (4, 9), (9, 4)], [5, 4, 0], tok_dtype=torch.float32, layout="padded", seed=8),
     # rank with grids given: the grids are checked (rows * cols == n_b), not used
     Batch(sizes=(6, 12), keep=(2, 5), grids=(2, 3, 4, 3), values="quantised", seed=9),
 ]
 # LLaVA-NeXT: a base image and 4 tiles of 24 x 24 patches, packed as 5 images or as one 48 x 60 grid.
 NEXT = [
     Batch(sizes=(576,) * 5, keep=(144,) * 5, D=4, cu_dtype=torch.int64, values="quantised"),
-    _row_batch([(48, 60), (24, 24)], [12, 6], D=4, seed=1),
+    row_batch([(48, 60), (24, 24)], [12, 6], D=4, seed=1),
 ]
 
 
@@ -171,7 +116,7 @@ def test_batches(c, backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_row_image_without_tokens(backend):
     """A row image of 0 x cols patches is a valid empty segment (grids allow rows = 0)."""
-    check_batch(_row_batch([(2, 3), (0, 3), (1, 4)], [1, 0, 1]), backend)
+    check_batch(row_batch([(2, 3), (0, 3), (1, 4)], [1, 0, 1]), backend)
 
 
 @st.composite
@@ -241,9 +186,9 @@ triton_only = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors 
 # Small enough for one program per two output rows under the interpreter (~5 s in all).
 SMALL_BLOCK_BATCHES = [
     BATCHES[1],
-    _row_batch([(5, 7), (1, 2), (7, 5), (0, 4), (3, 4)], [2, 1, 3, 0, 1], tok_dtype=torch.bfloat16, layout="strided",
+    row_batch([(5, 7), (1, 2), (7, 5), (0, 4), (3, 4)], [2, 1, 3, 0, 1], tok_dtype=torch.bfloat16, layout="strided",
                values="quantised", seed=10),
-    _row_batch([(6, 10), (9, 3)], [2, 4], D=5, cu_dtype=torch.int64, seed=11),
+    row_batch([(6, 10), (9, 3)], [2, 4], D=5, cu_dtype=torch.int64, seed=11),
 ]
 
 
@@ -318,7 +263,7 @@ def strided_cu(cu: torch.Tensor) -> torch.Tensor:
 
 STRIDED_CU = [
     Batch(sizes=(5, 0, 9, 3), keep=(2, 0, 4, 3), seed=21),
-    _row_batch([(2, 3), (3, 4), (1, 5)], [1, 2, 1], cu_dtype=torch.int64, seed=22),
+    row_batch([(2, 3), (3, 4), (1, 5)], [1, 2, 1], cu_dtype=torch.int64, seed=22),
 ]
 
 
@@ -396,7 +341,7 @@ def test_batches_gpu(cuda_device, c, backend):
 # key path (the test hook torch.ops.fopru_testing.cuda_force_global_keys).
 CUDA_PATHS = [
     Batch(sizes=(16384, 64, 64, 64), keep=(4096, 16, 0, 64), D=8, seed=10),
-    _row_batch([(128, 128), (8, 8)], [32, 2], D=8, seed=11),
+    row_batch([(128, 128), (8, 8)], [32, 2], D=8, seed=11),
     Batch(sizes=(3,) * 300, keep=(1,) * 300, D=4, values="quantised", seed=12),
 ]
 
@@ -431,7 +376,7 @@ def test_invalid_segments_gpu(cuda_device, backend):
 
 # (first batch, replay batches): same B, keep and grids; rank replays move the segment bounds.
 GRAPH_BATCHES = {
-    "row": (_row_batch([(24, 24), (2, 3), (12, 24), (1, 6)], [6, 0, 3, 1], D=64),
+    "row": (row_batch([(24, 24), (2, 3), (12, 24), (1, 6)], [6, 0, 3, 1], D=64),
             [{"seed": 1}, {"seed": 2, "values": "quantised"}]),
     "rank": (Batch(sizes=(576, 300, 0, 200), keep=(144, 75, 0, 50), D=64),
              [{"sizes": (300, 576, 0, 200), "seed": 1},

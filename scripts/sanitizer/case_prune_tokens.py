@@ -14,12 +14,12 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, test_cuda) and the in-place built package
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, test_prune_tokens) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
 from cases import Case  # noqa: E402
 from conftest import cuda_global_keys  # noqa: E402
-from test_cuda import check_case  # noqa: E402
+from test_prune_tokens import check_case  # noqa: E402
 
 
 def cases():
@@ -50,11 +50,11 @@ def main() -> int:
     for force_global in (False, True):
         with cuda_global_keys(force_global):
             for c, attn_layout in cases():
-                check_case(c, attn_layout=attn_layout)
+                check_case(c, "cuda", "cuda", attn_layout=attn_layout)
                 count += 1
     # keep == N, keep == 1, N == 1
     for c in (Case(B=2, N=16, keep=16, score="cls"), Case(B=1, N=16, keep=1), Case(B=2, N=1, keep=1, score="received")):
-        check_case(c)
+        check_case(c, "cuda", "cuda")
         count += 1
     torch.cuda.synchronize()
     print(f"case_prune_tokens: {count} cases match the reference")

@@ -12,31 +12,30 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (conftest) and the in-place built package
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, conftest) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
+from cases import Batch, make_batch, row_batch  # noqa: E402
 from conftest import cuda_global_keys  # noqa: E402
 from fopru_kernels import reference  # noqa: E402
 
-
-def _batch(sizes, d, dtype, seed, strided):
-    gen = torch.Generator().manual_seed(seed)
-    t = sum(sizes)
-    tokens = torch.randn(t, 2 * d if strided else d, generator=gen).to(dtype)
-    sig = torch.randint(-3, 4, (2 * t if strided else t,), generator=gen)
-    if strided:
-        tokens, sig = tokens[:, ::2], sig[::2]
-    cu = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
-    return tokens, sig, cu
+# Heavy ties (quantised scores), 5-element rows unless said otherwise.
+BATCHES = [
+    Batch(sizes=(16, 0, 35, 1), keep=(5, 0, 35, 1), D=5, values="quantised", seed=1),
+    row_batch([(4, 4), (0, 3), (5, 7), (1, 1)], [2, 0, 2, 1], D=5, tok_dtype=torch.bfloat16, cu_dtype=torch.int64,
+              layout="strided", values="quantised", seed=2),
+    Batch(sizes=(64, 9), keep=(0, 9), D=5, tok_dtype=torch.float32, cu_dtype=torch.int64, layout="strided",
+          values="quantised", seed=3),
+]
 
 
-def _check(sizes, keep, strategy, grids, dtype, cu_dtype, seed, strided=False):
-    tokens, sig, cu = _batch(sizes, 5, dtype, seed, strided)
-    cu = cu.to(cu_dtype)
-    want = reference.prune_tokens_varlen(tokens, sig, cu, keep, strategy, grids)
-    got = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu.cuda(), keep, strategy=strategy, grids=grids, backend="cuda")
+def _check(c: Batch) -> None:
+    tokens, sig, cu = make_batch(c, "cuda")
+    grids = None if c.grids is None else list(c.grids)
+    want = reference.prune_tokens_varlen(tokens.cpu(), sig.cpu(), cu.cpu(), list(c.keep), c.strategy, grids)
+    got = F.prune_tokens_varlen(tokens, sig, cu, list(c.keep), strategy=c.strategy, grids=grids, backend="cuda")
     for w, g in zip(want, got):
-        assert g.dtype == w.dtype and torch.equal(g.cpu(), w), (sizes, keep, strategy)
+        assert g.dtype == w.dtype and torch.equal(g.cpu(), w), c.id()
 
 
 def main() -> int:
@@ -46,13 +45,12 @@ def main() -> int:
     count = 0
     for force_global in (False, True):
         with cuda_global_keys(force_global):
-            _check([16, 0, 35, 1], [5, 0, 35, 1], "rank", None, torch.float16, torch.int32, 1)
-            _check([16, 0, 35, 1], [8, 0, 14, 1], "row", [4, 4, 0, 3, 5, 7, 1, 1], torch.bfloat16, torch.int64, 2,
-                   True)
-            _check([64, 9], [0, 9], "rank", None, torch.float32, torch.int64, 3, True)
-            count += 3
+            for c in BATCHES:
+                _check(c)
+                count += 1
     # A broken segment on the GPU (the host never reads cu_seqlens there): image 1 claims tokens past T.
-    tokens, sig, _ = _batch([8, 8], 4, torch.float32, 4, False)
+    tokens, sig, _ = make_batch(Batch(sizes=(8, 8), keep=(3, 2), D=4, tok_dtype=torch.float32, values="quantised",
+                                      seed=4))
     cu = torch.tensor([0, 8, 20], device="cuda")
     pruned, idx, out = F.prune_tokens_varlen(tokens.cuda(), sig.cuda(), cu, [3, 2], backend="cuda")
     want_idx = reference.select(sig[None, :8], 3)[0]

@@ -18,10 +18,11 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (test_qk, cases) and the in-place built package
+sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]  # tests/ (cases, test_qk) and the in-place built package
 
 import fopru_kernels as F  # noqa: E402
-from test_qk import QKCase, check_case, make_qk  # noqa: E402
+from cases import QKCase, make_qk  # noqa: E402
+from test_qk import check_case  # noqa: E402
 
 
 def cases():

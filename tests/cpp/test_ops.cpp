@@ -1,5 +1,5 @@
 // A C++-only process loads libfopru.so, finds the ops through the dispatcher (no Python) and checks
-// a hand-worked case of tests/test_handworked.py plus one error message.
+// a hand-worked case of tests/test_significance.py plus one error message.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>

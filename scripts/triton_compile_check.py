@@ -83,13 +83,17 @@ def package_modules(package: str = "fopru_kernels.triton") -> list[ModuleType]:
 
 def discover_kernels(modules: list[ModuleType]) -> dict[str, JITFunction]:
     """Every @triton.jit function of these modules that no other one calls, by name: the kernels
-    launchers launch (the others are device helpers, compiled into them)."""
+    launchers launch (the others are device helpers, compiled into them). A jit function passed to a
+    call inside another (the combine function of tl.associative_scan / tl.reduce) counts as called."""
     found = {id(v): v for m in modules for v in vars(m).values() if isinstance(v, JITFunction)}
     called = set()
     for fn in found.values():
         for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn.fn)))):
-            if isinstance(node, ast.Call) and isinstance(callee := _resolve(node.func, fn.fn.__globals__), JITFunction):
-                called.add(id(callee))
+            if not isinstance(node, ast.Call):
+                continue
+            for ref in (node.func, *node.args, *(kw.value for kw in node.keywords)):
+                if isinstance(callee := _resolve(ref, fn.fn.__globals__), JITFunction):
+                    called.add(id(callee))
     kernels = {}
     for fn in found.values():
         if id(fn) not in called:

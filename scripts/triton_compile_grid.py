@@ -362,6 +362,7 @@ CASES = [
     qk_varlen([16], kind="prob", d=256, group=1),
     qk_varlen([32], kind="prob", d=128, lse=True, group=2),
     qk_varlen([8, 24], kind="prob", d=32, dtype="bf16"),
+    qk_varlen([8, 40], kind="prob", d=8, dtype="fp32"),
     qk_varlen([300, 100], kind="prob", d=16, lse=True, dtype="fp32", cu="int64"),
     qk_varlen([300, 100], kind="prob", d=64, group=1),
     qk_varlen([1000], kind="logit", d=1, h=2, group=1),

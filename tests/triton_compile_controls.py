@@ -1,6 +1,7 @@
 """Kernels for the negative controls of tests/test_triton_compile.py: one that fits a GPU at one
 size and exceeds its shared memory at another, one that Triton refuses to compile, one never
-launched, and a device helper that the kernel discovery must not count as a kernel. Nothing here
+launched, and two device helpers that the kernel discovery must not count as kernels (one called,
+one passed to tl.associative_scan as its combine function). Nothing here
 ever runs; the compile check compiles them for sm_90."""
 import triton
 import triton.language as tl
@@ -31,5 +32,12 @@ def _invalid_dot_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b):
+    """A combine function (a helper: passed to tl.associative_scan, never called by name)."""
+    return a + b
+
+
+@triton.jit
 def _never_launched_kernel(x_ptr):
-    tl.store(x_ptr, 0.0)
+    i = tl.arange(0, 16)
+    tl.store(x_ptr + i, tl.associative_scan(tl.load(x_ptr + i), 0, _add))

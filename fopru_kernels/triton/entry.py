@@ -79,9 +79,26 @@ def significance_from_parts(parts):
     return tq.significance_from_parts(parts)
 
 
+def significance_qk_varlen(q, k, cu_seqlens, score="focal", scale=None, lse=None, kind="prob", group=1):
+    scale = _checks.check_significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
+    from . import significance_qk_varlen as tqv
+
+    return tqv.significance_qk_varlen(q, k, cu_seqlens, score, scale, lse, kind, group)
+
+
+def prune_tokens_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy="rank", score="focal", scale=None, lse=None,
+                           kind="prob", group=1, cu_seqlens_select=None, grids=None):
+    cols, scale = _checks.check_prune_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy, score, scale, lse, kind,
+                                                group, cu_seqlens_select, grids)
+    from . import significance_qk_varlen as tqv
+
+    return tqv.prune_tokens_qk_varlen(tokens, q, k, cu_seqlens, list(keep), strategy, score, scale, lse, kind, group,
+                                      cu_seqlens_select, cols, None if grids is None else list(grids))
+
+
 # op name -> its Triton entry point (each function above is named after its op); an op missing here has
 # no Triton kernel yet.
 ENTRY_POINTS = {fn.__name__: fn for fn in (
     significance, select, prune_tokens, significance_qk, prune_tokens_qk, prune_tokens_varlen,
-    significance_qk_parts, significance_from_parts,
+    significance_qk_parts, significance_from_parts, significance_qk_varlen, prune_tokens_qk_varlen,
 )}

@@ -181,20 +181,27 @@ def _item(items_ptr, status_ptr, w):
             tl.load(item + 2, mask=live, other=0))
 
 
+@triton.jit
+def _item_head(items_ptr, status_ptr, H, BLOCK_D: tl.constexpr):
+    """This program's (w, h) of a (max_items * H,) grid, the (start, n, block) of item w, and the head
+    dim's lanes: (w, h, start, n, block, dd)."""
+    pid = tl.program_id(0)
+    w = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    start, n, blk = _item(items_ptr, status_ptr, w)
+    return w, h, start, n, blk, tl.arange(0, BLOCK_D)
+
+
 # ----------------------------------------------------------------------------------- per-head values
 
 
 @triton.jit
 def _packed_logit_sums_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, H, d, max_items,
-                       s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                              s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
+                              ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """part[h, w, 0] = sum of q over item w's tokens, part[h, w, 1] = sum of k (ROWS).
     Grid (max_items * H,)."""
-    pid = tl.program_id(0)
-    w = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    start, n, blk = _item(items_ptr, status_ptr, w)
-    dd = tl.arange(0, BLOCK_D)
+    w, h, start, n, blk, dd = _item_head(items_ptr, status_ptr, H, BLOCK_D)
     dmask = dd < d
     row0 = start + blk * BLOCK
     rows = tl.minimum(n - blk * BLOCK, BLOCK)  # 0 past the list's end
@@ -207,16 +214,12 @@ def _packed_logit_sums_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, H, 
 
 @triton.jit
 def _packed_logit_means_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, col_ptr, row_ptr, H, d, max_items, scale,
-                        s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                               s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """col[t] += fx(scale * qbar . k_t), row[t] += fx(scale * q_t . kbar) (ROWS) for item w's tokens,
     bars = the segment's means from _packed_logit_sums_kernel's sums, added in block order.
     Grid (max_items * H,)."""
-    pid = tl.program_id(0)
-    w = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    start, n, blk = _item(items_ptr, status_ptr, w)
-    dd = tl.arange(0, BLOCK_D)
+    w, h, start, n, blk, dd = _item_head(items_ptr, status_ptr, H, BLOCK_D)
     dmask = dd < d
     sums = part_ptr + ((h * max_items + w - blk) * 2) * BLOCK_D + dd  # the segment's first item
     qsum = tl.zeros([BLOCK_D], tl.float32)
@@ -228,30 +231,25 @@ def _packed_logit_means_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, co
     mean_scale = scale / tl.maximum(n, 1).to(tl.float32)
     t = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     tmask = t < n
-    keys = k_ptr + h * s_kh
-    queries = q_ptr + h * s_qh
-    tl.atomic_add(col_ptr + start + t, logit_fx(keys, start + t, tmask, s_kt, dd, s_kd, dmask, qsum * mean_scale),
+    r = start + t
+    tl.atomic_add(col_ptr + r, logit_fx(k_ptr + h * s_kh, r, tmask, s_kt, dd, s_kd, dmask, qsum * mean_scale),
                   mask=tmask, sem="relaxed")
     if ROWS:
-        tl.atomic_add(row_ptr + start + t, logit_fx(queries, start + t, tmask, s_qt, dd, s_qd, dmask, ksum * mean_scale),
+        tl.atomic_add(row_ptr + r, logit_fx(q_ptr + h * s_qh, r, tmask, s_qt, dd, s_qd, dmask, ksum * mean_scale),
                       mask=tmask, sem="relaxed")
 
 
 @triton.jit
 def _packed_lse_kernel(q_ptr, k_ptr, items_ptr, status_ptr, lse_ptr, row_ptr, T, H, d, qk_scale,
-                s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
-                ROWS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                       s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
+                       ROWS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """lse[h, t] = logsumexp over t's segment for item w's query rows (qk_tiles.lse_rows), lse a
     contiguous (H, T) buffer; ROWS: row[t] += fx(1 / n), the mean of a row of probabilities that sums
     to 1 exactly under that lse. Grid (max_items * H,)."""
-    pid = tl.program_id(0)
-    w = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    start, n, blk = _item(items_ptr, status_ptr, w)
+    w, h, start, n, blk, dd = _item_head(items_ptr, status_ptr, H, BLOCK_D)
     i = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     imask = i < n
-    dd = tl.arange(0, BLOCK_D)
     dmask = dd < d
     qt = load_rows(q_ptr + h * s_qh, start + i, imask, s_qt, dd, s_qd, dmask)
     lse = lse_rows(qt, k_ptr + h * s_kh, start, n, s_kt, s_kd, dd, dmask, qk_scale, UPCAST, IEEE, BLOCK, BLOCK)
@@ -263,9 +261,9 @@ def _packed_lse_kernel(q_ptr, k_ptr, items_ptr, status_ptr, lse_ptr, row_ptr, T,
 
 @triton.jit
 def _packed_prob_means_kernel(q_ptr, k_ptr, items_ptr, status_ptr, lse_ptr, col_ptr, row_ptr, H, d, qk_scale,
-                       s_qt, s_qh, s_qd, s_kt, s_kh, s_kd, s_lh, s_lt,
-                       ROWS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                              s_qt, s_qh, s_qd, s_kt, s_kh, s_kd, s_lh, s_lt,
+                              ROWS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (w, role, h): role 0 holds item w's keys and adds fx((1/n) sum_i p[i, j]) to col[j];
     role 1 (ROWS: two roles) holds its queries and adds fx((1/n) sum_j p[i, j]) to row[i], with
     p = exp2(qk_scale * q_i . k_j - log2(e) * lse[h, i]) over the segment. Grid (max_items * roles * H,)."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as nnf
 
 import fopru_kernels
-from fopru_kernels import ops, reference, reference_qk
+from fopru_kernels import reference, reference_qk
 from fopru_kernels.reference import FX_SCALE
 
 from .reporting import fmt, md_table, status_cell, timer_cell
@@ -34,7 +34,6 @@ QWEN_VARIANTS = (
     ("focal/prob, lse given", "prob", "attention"),
     ("focal/prob, lse computed", "prob", None),
 )
-PACKED_OPS = ("significance_qk_varlen", "prune_tokens_qk_varlen")
 
 
 class VisionBlock(torch.nn.Module):
@@ -151,19 +150,10 @@ def _agreement(shape: QwenShape, s: tuple, cu, kind: str, lse_mode: str | None, 
     return rec
 
 
-def _backends(backends: list[str]) -> tuple[list[str], list[str]]:
-    """(the backends to time, notes): a backend without a kernel for the packed ops is left out, said why."""
-    pending = set(PACKED_OPS) & ops.WITHOUT_CUDA_CXX_KERNELS
-    notes = [f"backend 'cuda' not timed: no CUDA C++ kernel for {', '.join(sorted(pending))} yet"
-             ] if pending and "cuda" in backends else []
-    return [b for b in backends if not (b == "cuda" and pending)], notes
-
-
 def bench_qwen(plan: Plan, device: torch.device, backends: list[str]) -> dict:
     """Section 4: the block, its attention, and prune_tokens_qk_varlen per variant and backend."""
     shape = plan.qwen
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    timed, notes = _backends(backends)
     torch.manual_seed(0)
     block = VisionBlock(shape).to(device, dtype).eval()
     sets, cu, (cos, sin), source = qwen_sets(shape, block, device, dtype)
@@ -172,13 +162,13 @@ def bench_qwen(plan: Plan, device: torch.device, backends: list[str]) -> dict:
         "sizes": shape.sizes, "grids": [list(g) for g in shape.grids], "keeps": shape.keeps, "hidden": shape.hidden,
         "heads": shape.heads, "head_dim": shape.hidden // shape.heads, "intermediate": shape.intermediate,
         "group": shape.group, "D": shape.merged_dim, "dtype": str(dtype).removeprefix("torch."), "sets": len(sets),
-        "attention": source, "records": [], "notes": notes,
+        "attention": source, "records": [],
     }
     result["block"] = measure(lambda x, *rest: block(x, cu, max_n, cos, sin), sets, device, plan.timing)
     result["attn"] = measure(lambda x, t, q, k, v, lse: attention(q, k, v, cu, max_n)[0], sets, device, plan.timing)
     print(f"qwen block {timer_cell(result['block'])} us, attention {timer_cell(result['attn'])} us", flush=True)
     for label, kind, lse_mode in QWEN_VARIANTS:
-        for backend in timed:
+        for backend in backends:
             rec: dict = {"variant": label, "backend": backend}
             try:
                 rec.update(_agreement(shape, sets[0], cu, kind, lse_mode, backend))
@@ -223,5 +213,5 @@ def qwen_markdown(res: dict, gpu: bool) -> list[str]:
                      fmt(r.get("sig_max_err"), ".1e")])
     lines += md_table(["variant", "backend", "µs", "timer", "% block", "target", "status", "% attention",
                        "sig err"], rows)
-    return lines + [f"- {n}" for n in res["notes"]]
+    return lines
 

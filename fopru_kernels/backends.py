@@ -7,7 +7,7 @@ This module only decides; `registration.py` registers what it decides with the d
 
 FOPRU_BACKEND (read once, when fopru_kernels is imported; unset or empty means "auto"):
 - "auto": CPU tensors -> the C++ CPU kernel (the reference without the compiled library, or for an op
-  that has no C++ kernel yet);
+  that a stale build lacks);
   CUDA tensors -> Triton (the CUDA C++ kernel where triton is missing, or for the ops in
   CUDA_CXX_BY_DEFAULT; the reference where neither is there).
 - "cpu": CPU tensors -> the C++ CPU kernel, required; CUDA tensors as "auto".

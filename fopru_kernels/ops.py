@@ -26,9 +26,6 @@ from .registration import (
     REPLACED,
     SCHEMAS,
     SETTING,
-    WITHOUT_CUDA_CXX_KERNELS,
-    WITHOUT_GPU_KERNELS,
-    WITHOUT_TRITON_KERNELS,
 )
 from .triton.entry import ENTRY_POINTS as TRITON_ENTRY_POINTS
 from .triton.entry import has_triton
@@ -71,8 +68,6 @@ def _require(name: str, backend: str, tensor) -> None:
         if dev is not None and dev.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {dev}")
     elif backend == "cuda":
-        if name in WITHOUT_CUDA_CXX_KERNELS:
-            raise ValueError(f"backend='cuda' has no CUDA C++ kernel for {name} yet: use backend='auto' or 'reference'")
         if name not in CUDA_KERNEL_OPS:
             raise ValueError("backend='cuda' needs the library built with its CUDA kernels (FOPRU_BUILD_CUDA=1)")
         if dev is not None and dev.type != "cuda":
@@ -80,8 +75,6 @@ def _require(name: str, backend: str, tensor) -> None:
     elif backend == "triton":
         if not has_triton():
             raise ValueError("backend='triton' needs the triton package")
-        if name not in TRITON_ENTRY_POINTS:
-            raise ValueError(f"backend='triton' has no Triton kernel for {name} yet: use backend='auto' or 'reference'")
     key = DISPATCH_KEYS.get(backend)
     if (name, key) in REPLACED and (name, key) not in CXX_OPS:
         raise ValueError(

@@ -98,22 +98,9 @@ def _has_kernel(name: str, key: str) -> bool:
 # Read before any Python registration below can fill a slot: these are the C++ kernels.
 CPU_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CPU"))
 CUDA_KERNEL_OPS = frozenset(n for n in SCHEMAS if _has_kernel(n, "CUDA"))
-# Ops whose kernels of one GPU backend have not landed yet, declared rather than read from the slots so
-# that a kernel missing from a build or from triton/entry.py's ENTRY_POINTS cannot pass for a pending
-# one (tests/test_backends.py checks both sets against what is registered). The change that lands an
-# op's kernel takes it out of its set.
-# - WITHOUT_CUDA_CXX_KERNELS: no CUDA C++ kernel yet. backend='cuda' is refused for them, and
-#   HAS_CUDA_KERNELS and the tests of the CUDA C++ slots leave exactly these out.
-# - WITHOUT_TRITON_KERNELS: no Triton kernel yet (backend='triton' is refused: not in ENTRY_POINTS).
-# backends.resolve sends an op's CUDA tensors to Triton when it has a Triton kernel, else to its CUDA
-# C++ kernel, else (WITHOUT_GPU_KERNELS, both pending) to the float64 reference, which reads
-# cu_seqlens on the host (a sync).
-WITHOUT_CUDA_CXX_KERNELS: frozenset[str] = frozenset()
-WITHOUT_TRITON_KERNELS: frozenset[str] = frozenset()
-WITHOUT_GPU_KERNELS = WITHOUT_CUDA_CXX_KERNELS & WITHOUT_TRITON_KERNELS
 # The library was built with its CUDA kernels: every op with a C++ CPU kernel has its CUDA C++ kernel
-# too, except the ops above that have none yet.
-HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS - WITHOUT_CUDA_CXX_KERNELS
+# too (tests/test_backends.py checks that every op has every kernel of this install).
+HAS_CUDA_KERNELS = bool(CUDA_KERNEL_OPS) and CUDA_KERNEL_OPS == CPU_KERNEL_OPS
 
 
 def _grid(grid):

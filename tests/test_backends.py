@@ -134,20 +134,16 @@ def test_has_cuda_kernels_means_every_cxx_op_has_its_cuda_kernel():
     cxx = {op for op in ALL if re.search(r"^CPU( \(inactive\))?: registered at \S*csrc/", dumps[op], re.M)}
     assert ops.CUDA_KERNEL_OPS == has
     assert ops.CPU_KERNEL_OPS == cxx
-    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx - ops.WITHOUT_CUDA_CXX_KERNELS)
+    assert F.HAS_CUDA_KERNELS == (bool(has) and has == cxx)
 
 
-def test_pending_gpu_kernels_are_declared_exactly():
-    """WITHOUT_CUDA_CXX_KERNELS / WITHOUT_TRITON_KERNELS are declared, not read from the slots: an op in
-    one that gained that backend's kernel must leave it (so the GPU tests cover the kernel), and a
-    kernel missing from a build or from the Triton table while its op is not declared pending fails."""
-    assert ops.WITHOUT_CUDA_CXX_KERNELS <= ALL and ops.WITHOUT_TRITON_KERNELS <= ALL
-    assert ops.WITHOUT_GPU_KERNELS == ops.WITHOUT_CUDA_CXX_KERNELS & ops.WITHOUT_TRITON_KERNELS
-    assert not ops.WITHOUT_CUDA_CXX_KERNELS & ops.CUDA_KERNEL_OPS
-    if ops.CUDA_KERNEL_OPS:  # built with its CUDA kernels: all of them but the pending ones
-        assert ops.CUDA_KERNEL_OPS == ops.CPU_KERNEL_OPS - ops.WITHOUT_CUDA_CXX_KERNELS
-    if ops.INSTALL.triton_ops:  # triton installed: a Triton kernel for every op but the pending ones
-        assert ops.INSTALL.triton_ops == ALL - ops.WITHOUT_TRITON_KERNELS
+def test_every_op_has_every_kernel_of_this_install():
+    """A kernel file missing from a build, or an op missing from triton/entry.py's table, fails here:
+    with the CUDA kernels built every op has one, and with triton installed every op has a Triton kernel."""
+    if ops.CUDA_KERNEL_OPS:
+        assert ops.CUDA_KERNEL_OPS == ops.CPU_KERNEL_OPS == ALL
+    if ops.INSTALL.triton_ops:
+        assert ops.INSTALL.triton_ops == ALL
 
 
 @pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")
@@ -159,7 +155,7 @@ def test_cpu_slots_hold_the_cxx_kernels():
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs the CUDA slot's kernel on CPU tensors: TRITON_INTERPRET=1")
-@pytest.mark.parametrize("op", sorted(ALL - ops.WITHOUT_TRITON_KERNELS))
+@pytest.mark.parametrize("op", sorted(ALL))
 def test_cuda_slot_runs_triton_by_default(op, triton_launches):
     """The kernel the dispatcher would run for CUDA tensors, called on CPU tensors (the interpreter
     runs Triton there): it must launch Triton kernels and give the reference's result."""
@@ -173,57 +169,8 @@ def test_cuda_slot_runs_triton_by_default(op, triton_launches):
         if "_qk" in op:  # q/k significance rounds differently from the float64 oracle
             continue
         assert torch.equal(g, w)
-    if F.HAS_CUDA_KERNELS and op not in ops.WITHOUT_CUDA_CXX_KERNELS:  # the C++ kernel stays registered under the Python one
+    if F.HAS_CUDA_KERNELS:  # the C++ kernel stays registered under the Python one
         assert "CUDA (inactive): registered at" in torch._C._dispatch_dump(f"fopru::{op}")
-
-
-@pytest.mark.parametrize("op", sorted(ops.WITHOUT_CUDA_CXX_KERNELS - ops.WITHOUT_TRITON_KERNELS))
-def test_ops_without_a_cuda_cxx_kernel_run_triton_on_cuda(op):
-    """Triton kernel there, CUDA C++ kernel not yet: CUDA tensors go to Triton (the Python kernel in the
-    CUDA slot), the CPU slot keeps the C++ kernel, and backend='cuda' is refused rather than served by
-    another kernel."""
-    pytest.importorskip("triton")
-    assert F.default_backend("cuda", op) == "triton"
-    assert "fopru_kernels/registration.py" in _slot(op, "CUDA")
-    assert "CUDA (inactive)" not in torch._C._dispatch_dump(f"fopru::{op}")  # no C++ kernel under it
-    assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
-    with pytest.raises(ValueError, match=f"backend='cuda' has no CUDA C\\+\\+ kernel for {op} yet"):
-        call(op, op_calls()[op], "cuda")
-
-
-@pytest.mark.parametrize("op", sorted(ops.WITHOUT_TRITON_KERNELS - ops.WITHOUT_CUDA_CXX_KERNELS))
-def test_ops_without_a_triton_kernel_run_cuda_cxx_on_cuda(op):
-    """CUDA C++ kernel there, Triton kernel not yet: in a build with the CUDA kernels the CUDA slot holds
-    the C++ kernel (csrc/cuda/, nothing registered over it), without them the reference; the CPU slot
-    keeps the C++ kernel; and backend='triton' is refused rather than served by another kernel."""
-    cuda = op in ops.CUDA_KERNEL_OPS
-    assert cuda == F.HAS_CUDA_KERNELS
-    assert F.default_backend("cuda", op) == ("cuda" if cuda else "reference")
-    slot = _slot(op, "CUDA")
-    assert slot.startswith("CUDA: ") and ("csrc/cuda/" if cuda else "fopru_kernels/registration.py") in slot
-    assert "CUDA (inactive)" not in torch._C._dispatch_dump(f"fopru::{op}")  # nothing replaced
-    assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
-    with pytest.raises(ValueError, match=f"backend='triton' has no Triton kernel for {op} yet"):
-        call(op, op_calls()[op], "triton")
-
-
-@pytest.mark.parametrize("op", sorted(ops.WITHOUT_GPU_KERNELS))
-def test_ops_without_gpu_kernels_run_the_reference_on_cuda(op):
-    """Until their GPU kernels (CUDA C++ and Triton) land, the CUDA slot of these ops holds the reference
-    (registration.py), the CPU slot the C++ kernel (the reference without the library), and forcing a GPU
-    backend is refused rather than silently served by the oracle. (Empty while every op has a GPU kernel.)"""
-    cpu = "cpu" if F.HAS_LIBRARY else "reference"
-    assert F.default_backend("cpu", op) == cpu and F.default_backend("cuda", op) == "reference"
-    assert "fopru_kernels/registration.py" in _slot(op, "CUDA")
-    assert ("csrc/" in _slot(op, "CPU")) == F.HAS_LIBRARY
-    kernel = torch.library.get_kernel(f"fopru::{op}", "CUDA")  # the CUDA slot's kernel, run on CPU tensors
-    args = op_calls()[op]
-    got = kernel.call_boxed(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
-    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(call(op, args, "reference"))):
-        assert torch.equal(g, w)
-    for backend in ("cuda", "triton"):
-        with pytest.raises(ValueError, match=f"backend='{backend}' has no .* kernel for {op} yet"):
-            call(op, args, backend)
 
 
 def test_op_calls_cover_every_op():
@@ -234,8 +181,8 @@ def test_op_calls_cover_every_op():
 def test_fopru_backend_cuda_puts_the_cxx_kernels_in_the_cuda_slots():
     code = (
         "import torch, fopru_kernels as F\n"
-        "from fopru_kernels.ops import WITHOUT_CUDA_CXX_KERNELS, SCHEMAS\n"
-        "for op in set(SCHEMAS) - WITHOUT_CUDA_CXX_KERNELS:\n"
+        "from fopru_kernels.ops import SCHEMAS\n"
+        "for op in SCHEMAS:\n"
         "    assert F.default_backend('cuda', op) == 'cuda' and F.default_backend('cpu', op) == 'cpu'\n"
         "    line = next(l for l in torch._C._dispatch_dump('fopru::' + op).splitlines() if l.startswith('CUDA'))\n"
         "    assert line.startswith('CUDA: ') and 'csrc/cuda/' in line, line\n"
@@ -374,8 +321,6 @@ def test_default_on_cuda_tensors_runs_triton(op, cuda_device, triton_launches):
 def test_explicit_cuda_runs_the_cxx_kernel(op, cuda_device, triton_launches):
     if not F.HAS_CUDA_KERNELS:
         pytest.skip("needs the library's CUDA kernels")
-    if op in ops.WITHOUT_CUDA_CXX_KERNELS:
-        pytest.skip(f"{op} has no CUDA C++ kernel yet (tests/test_backends.py checks that backend='cuda' is refused)")
     args = op_calls(cuda_device)[op]
     got = call(op, args, "cuda")
     torch.cuda.synchronize()

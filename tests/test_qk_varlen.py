@@ -34,8 +34,7 @@ PACKED_OPS = frozenset({"significance_qk_varlen", "prune_tokens_qk_varlen"})
 BACKENDS = ["auto", "reference",
             pytest.param("cpu", marks=pytest.mark.skipif(not F.HAS_LIBRARY, reason="compiled library not built")),
             pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in F.available_backends("cpu") or bool(PACKED_OPS & F.ops.WITHOUT_TRITON_KERNELS),
-                reason="Triton on CPU tensors needs TRITON_INTERPRET=1, and the packed ops' Triton kernels"))]
+                "triton" not in F.available_backends("cpu"), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -296,27 +295,9 @@ def test_cxx_and_python_checks_give_the_same_text(name):
         assert op is F.significance_qk_varlen or texts[0] is not None
 
 
-@pytest.mark.skipif(not PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS, reason="the CUDA C++ kernels have landed")
-def test_cuda_cxx_backend_without_a_kernel_is_refused():
-    """Until their CUDA C++ kernels land, backend='cuda' is refused rather than served by another kernel;
-    CUDA tensors go to the Triton kernels (tests/test_backends.py checks the dispatcher slots)."""
-    args = _varlen_qk_args()
-    for op in sorted(PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS):
-        with pytest.raises(ValueError, match=rf"backend='cuda' has no CUDA C\+\+ kernel for {op} yet"):
-            if op == "significance_qk_varlen":
-                F.significance_qk_varlen(args["q"], args["k"], args["cu_seqlens"], backend="cuda")
-            else:
-                F.prune_tokens_qk_varlen(**args, backend="cuda")
-
-
 def test_forced_gpu_backends_on_cpu_tensors_are_refused_clearly():
-    """backend='cuda' (and 'triton' while it has no packed kernel) on CPU tensors: a clear refusal."""
+    """backend='cuda' on CPU tensors: a clear refusal."""
     args = _varlen_qk_args()
-    if "prune_tokens_qk_varlen" in F.ops.WITHOUT_TRITON_KERNELS:
-        with pytest.raises(ValueError, match=r"backend='triton' has no Triton kernel for prune_tokens_qk_varlen yet"):
-            F.prune_tokens_qk_varlen(**args, backend="triton")
-    if PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS:
-        return  # test_cuda_cxx_backend_without_a_kernel_is_refused
     cuda = (r"backend='cuda' needs CUDA tensors, got cpu" if F.HAS_CUDA_KERNELS
             else r"backend='cuda' needs the library built with its CUDA kernels")
     with pytest.raises(ValueError, match=cuda):
@@ -377,15 +358,7 @@ def test_cuda_head_dim_cap_text():
 # ----------------------------------------------------------------------------------- GPU
 
 
-def gpu_params() -> list:
-    """conftest.gpu_backends() less each GPU backend ('cuda', 'triton') whose kernels of the packed ops
-    have not landed."""
-    pending = {"cuda": PACKED_OPS & F.ops.WITHOUT_CUDA_CXX_KERNELS, "triton": PACKED_OPS & F.ops.WITHOUT_TRITON_KERNELS}
-    return [p for p in gpu_backends() if not pending[p.values[0]]]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 @pytest.mark.parametrize("score", ["focal", "received"])
 @pytest.mark.parametrize("group", [1, 4])
@@ -401,7 +374,7 @@ def test_gpu_ragged_segments(cuda_device, backend, kind, score, group):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("strategy", ["rank", "row"])
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 def test_gpu_prune_a_video_over_the_whole_clip(cuda_device, backend, strategy, kind):
@@ -416,7 +389,7 @@ def test_gpu_prune_a_video_over_the_whole_clip(cuda_device, backend, strategy, k
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 def test_gpu_invalid_cu_seqlens(cuda_device, backend):
     """On a GPU nobody reads cu_seqlens on the host: the kernels check it, sig is all INT64_MIN and every
     idx -1 with zero rows, nothing raises, nothing is read out of bounds."""
@@ -435,7 +408,7 @@ def test_gpu_invalid_cu_seqlens(cuda_device, backend):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("kind", ["logit", "prob"])
 def test_gpu_cuda_graph(cuda_device, backend, kind):
     """Capture once, replay on new q, k, tokens and segment bounds (same T and S): no host sync; the
@@ -465,7 +438,7 @@ def test_gpu_cuda_graph(cuda_device, backend, kind):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 def test_gpu_torch_compile(cuda_device, backend):
     q, k, cu = (t.to(cuda_device) for t in packed((8, 16), seed=7))
     tokens = torch.randn(6, 4, device=cuda_device)

@@ -2,7 +2,7 @@
 of tests/test_qk_varlen.py do not reach (the oracle, the bound and the rules are tests/qk_varlen_oracle.py's).
 
 - Without a GPU: the kernels are registered in the CUDA slots of both ops and the default on CUDA
-  tensors picks them where the op has no Triton kernel (the error texts of their entry points, shared
+  tensors picks them where triton is not installed (the error texts of their entry points, shared
   with csrc/checks.cpp, are checked in tests/test_qk_varlen.py next to the C++ / Python comparison).
 - On every backend (CPU ones here, GPU ones marked cuda): the row layouts the CUDA kernels read
   element by element rather than in 16-byte chunks (d-strided rows, 16-bit rows of d = 12) and more
@@ -21,15 +21,16 @@ import re
 import pytest
 import torch
 from qk_varlen_oracle import INT64_MIN, RAGGED, check_prune, check_sig, oracle, packed, segment_lse
-from test_qk_varlen import BACKENDS, PACKED_OPS, gpu_params
+from conftest import gpu_backends
+from test_qk_varlen import BACKENDS, PACKED_OPS
 
 import fopru_kernels as F
 from fopru_kernels import ops
 
 needs_cuda_build = pytest.mark.skipif(not ops.CUDA_KERNEL_OPS, reason="library built without its CUDA kernels")
 needs_cuda_kernels = pytest.mark.skipif(not F.HAS_CUDA_KERNELS, reason="library built without its CUDA kernels")
-# CPU backends and, marked cuda, the GPU ones whose packed kernels have landed.
-EVERY_BACKEND = BACKENDS + [pytest.param(p.values[0], marks=[pytest.mark.cuda, *p.marks]) for p in gpu_params()]
+# CPU backends and, marked cuda, the GPU ones.
+EVERY_BACKEND = BACKENDS + [pytest.param(p.values[0], marks=[pytest.mark.cuda, *p.marks]) for p in gpu_backends()]
 
 
 def _device(backend: str, request) -> torch.device:
@@ -112,7 +113,7 @@ INVALID_24 = {"no-segment": [0], "short": [0, 8, 20], "past-T": [0, 28, 24], "gr
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", gpu_params())
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("name", INVALID_24)
 def test_invalid_cu_seqlens_in_either_dtype(cuda_device, backend, cu_dtype, name):

@@ -96,8 +96,8 @@ def prune_tokens_qk_varlen(tokens, q, k, cu_seqlens, keep, strategy="rank", scor
                                       cu_seqlens_select, cols, None if grids is None else list(grids))
 
 
-# op name -> its Triton entry point (each function above is named after its op); an op missing here has
-# no Triton kernel yet.
+# op name -> its Triton entry point (each function above is named after its op); every op has one
+# (tests/test_backends.py).
 ENTRY_POINTS = {fn.__name__: fn for fn in (
     significance, select, prune_tokens, significance_qk, prune_tokens_qk, prune_tokens_varlen,
     significance_qk_parts, significance_from_parts, significance_qk_varlen, prune_tokens_qk_varlen,

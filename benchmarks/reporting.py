@@ -59,6 +59,11 @@ def timer_cell(rec: dict) -> str:
     return "error" if "error" in rec else f"{rec['us']:.1f}"
 
 
+def progress_line(head: str, rec: dict, result) -> str:
+    """One record's progress line: `head`, then its error or `result(rec)` (a timed record's numbers)."""
+    return f"{head} ERROR {rec['error']}" if "error" in rec else f"{head} {result(rec)}"
+
+
 def md_row(cells: list) -> str:
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 

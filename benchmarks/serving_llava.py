@@ -11,7 +11,7 @@ import torch
 
 import fopru_kernels
 
-from .reporting import dtype_name, fmt, md_table, status_cell
+from .reporting import dtype_name, fmt, md_table, progress_line, status_cell
 from .serving_plan import LlavaShape, Plan
 from .timing import Timing, eager_loop_us, error_text, measure, sync
 
@@ -162,10 +162,8 @@ def bench_llava(plan: Plan, device: torch.device) -> dict:
 
 
 def _llava_progress(rec: dict) -> str:
-    head = f"llava B={rec['B']} keep={rec['keep']:<4}"
-    if "error" in rec:
-        return f"{head} ERROR {rec['error']}"
-    return f"{head} TTFT {rec['ttft_us'] / 1e3:8.2f} ms, prune {rec['prune']['us']:8.1f} us ({rec['prune_share_pct']:.3f}%)"
+    return progress_line(f"llava B={rec['B']} keep={rec['keep']:<4}", rec, lambda r: (
+        f"TTFT {r['ttft_us'] / 1e3:8.2f} ms, prune {r['prune']['us']:8.1f} us ({r['prune_share_pct']:.3f}%)"))
 
 
 def llava_markdown(res: dict, gpu: bool) -> list[str]:

@@ -13,7 +13,7 @@ import fopru_kernels
 from fopru_kernels import reference_qk
 from fopru_kernels.reference import FX_SCALE
 
-from .reporting import fmt, md_table, status_cell, timer_cell
+from .reporting import fmt, md_table, progress_line, status_cell, timer_cell
 from .serving_plan import Plan, QKShape
 from .timing import Call, cache_bytes, error_text, measure, peak_bytes, rotation_count
 
@@ -205,10 +205,8 @@ def bench_qk(plan: Plan, device: torch.device, backends: list[str]) -> dict:
 
 
 def _qk_progress(rec: dict) -> str:
-    head = f"qk B={rec['B']:<3} {rec['op']:<16} {rec['variant']:<28} {rec['backend']:<9}"
-    if "error" in rec:
-        return f"{head} ERROR {rec['error']}"
-    return f"{head} {rec['us']:10.1f} us ({rec['timer']}) {rec['pct_sdpa']:7.1f}% of SDPA"
+    return progress_line(f"qk B={rec['B']:<3} {rec['op']:<16} {rec['variant']:<28} {rec['backend']:<9}", rec,
+                         lambda r: f"{r['us']:10.1f} us ({r['timer']}) {r['pct_sdpa']:7.1f}% of SDPA")
 
 def _mib(v) -> str:
     return fmt(None if v is None else v / 2**20, ".1f")

@@ -22,7 +22,7 @@ import fopru_kernels
 from fopru_kernels import reference, reference_qk
 from fopru_kernels.reference import FX_SCALE
 
-from .reporting import fmt, md_table, status_cell, timer_cell
+from .reporting import fmt, md_table, progress_line, status_cell, timer_cell
 from .serving_plan import Plan, QwenShape
 from .serving_qk import sdpa_with_lse
 from .timing import cache_bytes, error_text, measure, rotation_count
@@ -186,10 +186,8 @@ def bench_qwen(plan: Plan, device: torch.device, backends: list[str]) -> dict:
 
 
 def _progress(rec: dict) -> str:
-    head = f"qwen {rec['variant']:<26} {rec['backend']:<9}"
-    if "error" in rec:
-        return f"{head} ERROR {rec['error']}"
-    return f"{head} {rec['us']:10.1f} us ({rec['timer']}) {rec['pct_block']:6.1f}% of the block"
+    return progress_line(f"qwen {rec['variant']:<26} {rec['backend']:<9}", rec,
+                         lambda r: f"{r['us']:10.1f} us ({r['timer']}) {r['pct_block']:6.1f}% of the block")
 
 
 def qwen_markdown(res: dict, gpu: bool) -> list[str]:

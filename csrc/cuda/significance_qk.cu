@@ -15,9 +15,9 @@
 //                     (image, head, group of key blocks), looping over query blocks; exact column
 //                     sums per CTA, int64 atomics across heads) + for focal _qk_row_finish_kernel.
 // Then the focal choice, selection and gather of cuda/prune_tokens.cu (stages.h). The device code
-// the kernels are built from is in qk_tiles.cuh (tiles, lse, probability sums) and qk_rows.cuh
-// (row dots and patch sums); this file (just over 500 lines) keeps the five kernels with the
-// launchers that size their grids, shared memory and workspaces, which are read together.
+// the kernels are built from is in qk_tiles.cuh (tiles), qk_prob.cuh (the prob path's lse and sums) and
+// qk_rows.cuh (row dots and patch sums); this file keeps the five kernels with the launchers that
+// size their grids, shared memory and workspaces, which are read together.
 //
 // Determinism: every float sum runs in an order fixed by (N, d, dtype, vector path); none depends
 // on B, on scheduling or on float atomics, so an image's significance does not depend on its batch.

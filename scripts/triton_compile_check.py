@@ -199,12 +199,13 @@ def summary_table(results: list[tco.Result]) -> str:
         row["regs"] = max(row["regs"], r.regs)
         row["spills"] = max(row["spills"], r.spill_stores)
         row["seconds"] += r.seconds
-    head = f"{'kernel':<22} {'specs':>5} {'failed':>6} {'max smem':>10} {'max regs':>8} {'max spill':>10} {'compile s':>9}"
+    w = max([len("kernel"), *map(len, rows)])  # the name column fits the longest kernel name
+    head = f"{'kernel':<{w}} {'specs':>5} {'failed':>6} {'max smem':>10} {'max regs':>8} {'max spill':>10} {'compile s':>9}"
     lines = [head, "-" * len(head)]
     for name, row in sorted(rows.items()):
-        lines.append(f"{name:<22} {row['specs']:>5} {row['failed']:>6} {row['smem'] / 1024:>6.1f} KiB "
+        lines.append(f"{name:<{w}} {row['specs']:>5} {row['failed']:>6} {row['smem'] / 1024:>6.1f} KiB "
                      f"{row['regs']:>8} {row['spills']:>8} B {row['seconds']:>9.1f}")
-    lines += ["-" * len(head), f"{'total':<22} {len(results):>5} {sum(not r.ok for r in results):>6}"]
+    lines += ["-" * len(head), f"{'total':<{w}} {len(results):>5} {sum(not r.ok for r in results):>6}"]
     return "\n".join(lines)
 
 

@@ -62,6 +62,7 @@ DOMAINS = {
                                   "q_ptr": FLOATS},
     "_packed_logit_means_kernel": {"ROWS": (False, True), "BLOCK": pow2(16, 256), "BLOCK_D": pow2(1, MAX_HEAD_DIM),
                                    "q_ptr": FLOATS},
+    "_packed_logit_bars_kernel": {"ROWS": (False, True), "BLOCK": pow2(16, 256), "BLOCK_D": pow2(1, MAX_HEAD_DIM)},
     "_packed_lse_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True), "BLOCK": (16, 32, 64),
                            "BLOCK_D": pow2(16, MAX_HEAD_DIM), "q_ptr": FLOATS},
     "_packed_prob_means_kernel": {"ROWS": (False, True), "UPCAST": (False,), "IEEE": (False, True),

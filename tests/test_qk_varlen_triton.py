@@ -136,9 +136,10 @@ def test_cu_seqlens_strides_dtypes_group_sums_and_repeats_are_exact(kind):
     assert torch.equal(F.significance_qk_varlen(q, k, cu, kind=kind, group=1, backend="triton"), want)
 
 
-@pytest.mark.parametrize("kind,lse_given,launches", [("logit", False, 4), ("prob", False, 4), ("prob", True, 3)])
+@pytest.mark.parametrize("kind,lse_given,launches", [("logit", False, 5), ("prob", False, 4), ("prob", True, 3)])
 def test_one_launch_per_stage(triton_launches, kind, lse_given, launches):
-    """work list, per-head values (logit: sums, then means; prob: lse unless given, then means), focal
+    """work list, per-head values (logit: item sums, segment sums, then means; prob: lse unless given,
+    then means), focal
     choice + group sums; the prune adds its selection + gather."""
     q, k, cu = packed((8, 16, 4), seed=5)
     lse = segment_lse(q, k, cu, 16**-0.5) if lse_given else None

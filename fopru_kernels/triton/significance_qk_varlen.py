@@ -20,9 +20,11 @@ Stages, each one launch:
    the dense kernels' own (same tiles, tl.dot flags, exp2 scaling and block-order sums), with the
    segment's start as the run offset, so SPEC.md's float error bound holds per segment. Heads are
    summed by int64 atomics into zeroed ``col`` / ``row`` (T,) buffers (exact, order-free).
-   - ``logit``: ``_packed_logit_sums_kernel`` stores each item's sums of q (and k) rows, then
-     ``_packed_logit_means_kernel`` adds its segment's sums in block order (the dense kernel's order, when the
-     blocks are the same size) into qbar / kbar and adds fx of its block's closed-form means.
+   - ``logit``: ``_packed_logit_sums_kernel`` stores each item's sums of q (and k) rows,
+     ``_packed_logit_bars_kernel`` adds each segment's item sums in block order (the dense kernel's
+     order, when the blocks are the same size) into its first item's slot, once per segment (an
+     item adding them itself would cost O(n_s^2 / BLOCK^2) per segment), and
+     ``_packed_logit_means_kernel`` adds fx of its block's closed-form means against those qbar / kbar.
    - ``prob`` without lse: ``_packed_lse_kernel`` computes each query block's lse over its segment. The row
      sums are then 1 exactly (sum_j exp(l_ij - logsumexp_j l_ij)), so it adds fx(1 / n_s) to ``row``
      (focal) instead of a second pass over the segment; the dense kernels cannot do this because
@@ -213,21 +215,41 @@ def _packed_logit_sums_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, H, 
 
 
 @triton.jit
+def _packed_logit_bars_kernel(items_ptr, status_ptr, part_ptr, H, max_items,
+                              ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """part[h, w, :] of each segment's first item w (block 0) becomes the segment's sums of q (and k)
+    rows: its items' sums (_packed_logit_sums_kernel) added in block order. A segment's items are
+    consecutive in the work list, so they are part[h, w + b] for b < cdiv(n, BLOCK); only this program
+    reads or writes them in this launch. Grid (max_items * H,); the other programs return."""
+    w, h, start, n, blk, dd = _item_head(items_ptr, status_ptr, H, BLOCK_D)
+    if (blk == 0) & (n > 0):
+        sums = part_ptr + ((h * max_items + w) * 2) * BLOCK_D + dd
+        qsum = tl.zeros([BLOCK_D], tl.float32)
+        ksum = tl.zeros([BLOCK_D], tl.float32)
+        for b in range(0, tl.cdiv(n, BLOCK)):
+            qsum += tl.load(sums + b * 2 * BLOCK_D)
+            if ROWS:
+                ksum += tl.load(sums + b * 2 * BLOCK_D + BLOCK_D)
+        tl.store(sums, qsum)
+        if ROWS:
+            tl.store(sums + BLOCK_D, ksum)
+
+
+@triton.jit
 def _packed_logit_means_kernel(q_ptr, k_ptr, items_ptr, status_ptr, part_ptr, col_ptr, row_ptr, H, d, max_items, scale,
                                s_qt, s_qh, s_qd, s_kt, s_kh, s_kd,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """col[t] += fx(scale * qbar . k_t), row[t] += fx(scale * q_t . kbar) (ROWS) for item w's tokens,
-    bars = the segment's means from _packed_logit_sums_kernel's sums, added in block order.
+    bars = the segment's means from the sums _packed_logit_bars_kernel left in its first item's slot.
     Grid (max_items * H,)."""
     w, h, start, n, blk, dd = _item_head(items_ptr, status_ptr, H, BLOCK_D)
     dmask = dd < d
     sums = part_ptr + ((h * max_items + w - blk) * 2) * BLOCK_D + dd  # the segment's first item
-    qsum = tl.zeros([BLOCK_D], tl.float32)
+    live = dd < tl.where(n > 0, BLOCK_D, 0)  # past the list's end: no segment, nothing to read
+    qsum = tl.load(sums, mask=live, other=0.0)
     ksum = tl.zeros([BLOCK_D], tl.float32)
-    for b in range(0, tl.cdiv(n, BLOCK)):
-        qsum += tl.load(sums + b * 2 * BLOCK_D)
-        if ROWS:
-            ksum += tl.load(sums + b * 2 * BLOCK_D + BLOCK_D)
+    if ROWS:
+        ksum = tl.load(sums + BLOCK_D, mask=live, other=0.0)
     mean_scale = scale / tl.maximum(n, 1).to(tl.float32)
     t = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     tmask = t < n
@@ -379,6 +401,8 @@ def _head_sums(q, k, cu_seqlens, scale, lse, kind, group, rows: bool):
         strides = (*q.stride(), *k.stride())
         _packed_logit_sums_kernel[(max_items * h,)](*args, h, d, max_items, *strides,
                                              ROWS=rows, BLOCK=block, BLOCK_D=block_d)
+        _packed_logit_bars_kernel[(max_items * h,)](items, status, part, h, max_items,
+                                                    ROWS=rows, BLOCK=block, BLOCK_D=block_d)
         _packed_logit_means_kernel[(max_items * h,)](*args, col, row, h, d, max_items, scale, *strides,
                                               ROWS=rows, BLOCK=block, BLOCK_D=block_d)
         return sums, status

@@ -306,6 +306,27 @@ def test_graph_tables_are_never_reused():
 
 
 @needs_triton
+def test_eager_calls_leave_half_an_arena_free_for_the_next_capture():
+    """reserve (each eager host_table) adds an arena when the last one is more than half used, so a
+    capture that follows finds room without a pinned allocation; tables already handed out stay put."""
+    from fopru_kernels.triton.launch import GraphTables
+
+    tables = GraphTables(pin=False, arena_values=8)
+    tables.reserve(0)
+    tables.reserve(0)  # nothing used yet: no second arena
+    first = tables.table(0, [1, 2, 3, 4])  # half of the arena: still enough room
+    tables.reserve(0)
+    allocated = []
+    tables._new_arena = lambda size: allocated.append(size) or torch.empty(size, dtype=torch.int64)
+    assert tables.table(0, [5]).data_ptr() == first.data_ptr() + 4 * 8  # same arena
+    tables.reserve(0)  # 5 of 8 used: the next capture gets a new arena of 16 now
+    assert allocated == [16]
+    assert tables.table(0, [6, 7, 8, 9, 10, 11, 12, 13]).tolist() == [6, 7, 8, 9, 10, 11, 12, 13]
+    assert allocated == [16]  # the capture's table needed no allocation
+    assert first.tolist() == [1, 2, 3, 4]
+
+
+@needs_triton
 def test_device_table_takes_the_graph_arena_only_under_capture(monkeypatch):
     """The path choice of launch.host_table: the arena while the device's stream is capturing, a
     fresh (pinned) tensor otherwise; CPU tensors never capture. Simulated: there is no GPU here."""

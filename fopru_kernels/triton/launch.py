@@ -13,8 +13,10 @@ and overwritten before a replay, and allocating pinned memory during capture cou
 events, which a capture in the default (global) mode forbids. So under capture a table never comes
 from a freed-and-reused block: it is written once into a pinned arena this module holds for the
 rest of the process (never freed, never rewritten; equal tables share one slot), and the arena is
-allocated by eager calls, before any capture (warm-up runs come first in every capture recipe),
-so that no pinned allocation has to happen during a capture. Each distinct captured table costs
+allocated by eager calls, before any capture (warm-up runs come first in every capture recipe):
+each eager call leaves at least half of the device's last arena free, so no pinned allocation has to
+happen during a capture unless its distinct tables need more than that (then the arena grows during
+the capture, which torch may refuse in global capture mode). Each distinct captured table costs
 its 8 bytes per value of pinned memory for the life of the process.
 """
 from __future__ import annotations
@@ -55,11 +57,16 @@ class GraphTables:
         self._tables: dict[tuple, torch.Tensor] = {}
 
     def reserve(self, key) -> None:
-        """Makes sure `key` has an arena (cheap after the first call)."""
-        if key not in self._arenas:
-            with self._lock:
-                if key not in self._arenas:
-                    self._arenas[key] = [[self._new_arena(self.arena_values), 0]]
+        """Makes sure `key`'s last arena has at least half of it free (a new arena, twice the last one's
+        size, when not), so that the tables of a capture after this eager call need no pinned
+        allocation unless they take more than that. Cheap when nothing is needed."""
+        arenas = self._arenas.get(key)
+        if arenas and 2 * arenas[-1][1] <= arenas[-1][0].numel():
+            return
+        with self._lock:
+            arenas = self._arenas.setdefault(key, [])
+            if not arenas or 2 * arenas[-1][1] > arenas[-1][0].numel():
+                arenas.append([self._new_arena(2 * arenas[-1][0].numel() if arenas else self.arena_values), 0])
 
     def table(self, key, values: list[int]) -> torch.Tensor:
         values = tuple(int(v) for v in values)

@@ -98,13 +98,38 @@ def test_segment_scores_equal_the_dense_cuda_kernel(cuda_device, dtype, kind, gi
     lse = segment_lse(q, k, cu, 0.25) if given_lse else None
     q, k, cu = q.to(cuda_device), k.to(cuda_device), cu.to(cuda_device)
     lse = None if lse is None else lse.to(cuda_device)
-    sig = F.significance_qk_varlen(q, k, cu, score=score, kind=kind, lse=lse, group=4, backend="cuda")
+    _assert_equals_dense(q, k, cu, score, kind, lse, 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.cuda_cxx
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+def test_one_token_segments_with_odd_token_stride_equal_the_dense_cuda_kernel(cuda_device, dtype, kind):
+    """Rows of d = 64 whose token stride (66 elements) is no multiple of 16 bytes: the packed kernels read
+    them element by element, and so must the dense kernel on a 1-token slice (where the token stride
+    counts for nothing else), or the logit dots of group-1 segments of one token sum in another order."""
+    gen = torch.Generator().manual_seed(21)
+    lengths = (1,) * 8 + (7, 1, 1, 9, 1)
+    t = sum(lengths)
+    q, k = (torch.randn(t, 1, 66, generator=gen).mul(2).to(dtype)[..., :64] for _ in range(2))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    q, k, cu = q.to(cuda_device), k.to(cuda_device), cu.to(cuda_device)
+    for score in ("focal", "received"):
+        _assert_equals_dense(q, k, cu, score, kind, None, 1)
+
+
+def _assert_equals_dense(q, k, cu, score, kind, lse, group):
+    """The CUDA C++ packed kernel's sig of every segment is the dense CUDA kernel's on that segment alone
+    (num_prefix = 0, layout 'bshd', the segment's rows of lse), group sums included, bit for bit."""
+    sig = F.significance_qk_varlen(q, k, cu, score=score, kind=kind, lse=lse, group=group, backend="cuda")
     bounds = cu.tolist()
     for a, b in zip(bounds, bounds[1:]):
         if b > a:
             dense = F.significance_qk(q[None, a:b], k[None, a:b], score=score, num_prefix=0, kind=kind, layout="bshd",
                                       lse=None if lse is None else lse[None, :, a:b], backend="cuda")
-            assert torch.equal(sig[a // 4:b // 4], dense[0].view(-1, 4).sum(dim=1)), (a, b)
+            assert torch.equal(sig[a // group:b // group], dense[0].view(-1, group).sum(dim=1)), (a, b, score)
 
 
 # Attention segments of T = 24 tokens (group 4) that break SPEC.md's rules in ways INVALID_CU (28 tokens,

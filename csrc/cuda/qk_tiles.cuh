@@ -324,12 +324,15 @@ void dispatch_qk(at::ScalarType t, F&& f) {
 }
 
 // Rows of m readable as 16-byte chunks: unit-stride rows of d elements (es bytes each), d * es a
-// multiple of 16, every row start of the (B, H, S) rows 16-byte aligned.
-inline bool rows_vectorizable(const MatView& m, int64_t es, int64_t d, int64_t B, int64_t H, int64_t S) {
+// multiple of 16, every row start of the (B, H, rows) rows 16-byte aligned. The row stride must be a
+// multiple of 16 bytes even for a single row: the packed kernels decide for all segments at once from
+// (T, H, d), so a 1-token segment q[t0 : t0 + 1] handed to the dense kernel alone must get the same
+// answer, or its logit dots would sum in another order (found by simulating the index math).
+inline bool rows_vectorizable(const MatView& m, int64_t es, int64_t d, int64_t B, int64_t H) {
   const int64_t v = 16 / es;
   auto ok = [v](int64_t stride, int64_t size) { return size <= 1 || stride % v == 0; };
   return d % v == 0 && (d <= 1 || m.sd == 1) && reinterpret_cast<uintptr_t>(m.p) % 16 == 0 && ok(m.sb, B) &&
-         ok(m.sh, H) && ok(m.ss, S);
+         ok(m.sh, H) && m.ss % v == 0;
 }
 
 // Shared-memory geometry of the tile kernels: rows of d elements padded to dpad (a multiple of 16,

@@ -196,7 +196,7 @@ void qk_sums(const at::Tensor& q, const at::Tensor& k, const std::optional<at::T
   constexpr int64_t es = sizeof(T);
   const MatView qv{q.data_ptr(), a.q_sb, a.q_sh, a.q_ss, a.q_sd};
   const MatView kv{k.data_ptr(), a.k_sb, a.k_sh, a.k_ss, a.k_sd};
-  const bool q_vec = rows_vectorizable(qv, es, a.d, a.B, a.H, a.S), k_vec = rows_vectorizable(kv, es, a.d, a.B, a.H, a.S);
+  const bool q_vec = rows_vectorizable(qv, es, a.d, a.B, a.H), k_vec = rows_vectorizable(kv, es, a.d, a.B, a.H);
   const bool focal = row != nullptr;
   at::Tensor lse_ws;  // freed after the launches: the caching allocator orders its reuse on this stream
 

@@ -328,7 +328,7 @@ void packed_parts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu
   constexpr int64_t es = sizeof(T);
   const MatView qv{q.data_ptr(), 0, a.q_sh, a.q_st, a.q_sd};
   const MatView kv{k.data_ptr(), 0, a.k_sh, a.k_st, a.k_sd};
-  const bool q_vec = rows_vectorizable(qv, es, a.d, 1, a.H, a.T), k_vec = rows_vectorizable(kv, es, a.d, 1, a.H, a.T);
+  const bool q_vec = rows_vectorizable(qv, es, a.d, 1, a.H), k_vec = rows_vectorizable(kv, es, a.d, 1, a.H);
   const bool focal = !a.received;
   const int64_t dot_rows = dot_rows_of_jobs(a, q_vec, k_vec, es);
 

@@ -66,7 +66,7 @@ class GraphTables:
         with self._lock:
             arenas = self._arenas.setdefault(key, [])
             if not arenas or 2 * arenas[-1][1] > arenas[-1][0].numel():
-                arenas.append([self._new_arena(2 * arenas[-1][0].numel() if arenas else self.arena_values), 0])
+                self._grow(arenas, 0)
 
     def table(self, key, values: list[int]) -> torch.Tensor:
         values = tuple(int(v) for v in values)
@@ -76,14 +76,19 @@ class GraphTables:
                 return found
             arenas = self._arenas.setdefault(key, [])
             if not arenas or arenas[-1][1] + len(values) > arenas[-1][0].numel():
-                size = max(len(values), 2 * arenas[-1][0].numel() if arenas else self.arena_values)
-                arenas.append([self._new_arena(size), 0])
+                self._grow(arenas, len(values))
             arena = arenas[-1]
             view = arena[0][arena[1]:arena[1] + len(values)]
             view.copy_(torch.tensor(values, dtype=torch.int64))
             arena[1] += len(values)
             self._tables[(key, values)] = view
             return view
+
+    def _grow(self, arenas: list[list], need: int) -> None:
+        """Appends an empty arena to one key's `arenas` (lock held): the first of arena_values values,
+        each later one twice the last one, and never fewer than `need`."""
+        size = max(need, 2 * arenas[-1][0].numel() if arenas else self.arena_values)
+        arenas.append([self._new_arena(size), 0])
 
     def _new_arena(self, size: int) -> torch.Tensor:
         return torch.empty(size, dtype=torch.int64, pin_memory=self.pin)
